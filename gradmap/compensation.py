@@ -1,0 +1,44 @@
+"""The compensation interface: repair a pruned model using the dense reference.
+
+`apply` receives the pruned model (changed in place) and the removed layers keyed by their original index; the
+dense model is available as `surgery.dense_view(model, removed)` without a second copy. It returns a report (sites,
+calibration error before/after, ...) that goes into the run record.
+
+A compensation is one file (in `gradmap/` or `baselines/`) with a subclass and one YAML in `conf/compensation/`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from gradmap.metric import Calibration, Cost
+
+
+class IncompatibleCompensationError(ValueError):
+    """A metric/compensation pairing that cannot work (refused with a message, never a traceback)."""
+
+
+class Compensation(ABC):
+    name = "compensation"
+    trains = False  # compensations that train report their training time separately
+
+    def check_compatible(self, model: nn.Module, removed: list[int]) -> None:
+        """Raise IncompatibleCompensationError if this pairing cannot work. Default: any pairing is fine."""
+
+    @abstractmethod
+    def apply(self, model: nn.Module, removed: Mapping[int, nn.Module], calib: Calibration,
+              cost: Cost) -> dict[str, Any]:
+        """Repair `model` in place; return a JSON-able report."""
+
+
+class NoCompensation(Compensation):
+    """Leave the pruned model as it is (the plain layer-removal baseline)."""
+
+    name = "none"
+
+    def apply(self, model, removed, calib, cost):
+        return {"sites": []}

@@ -1,0 +1,67 @@
+"""Experiment loggers. `record.json` is the source of truth; a logger only mirrors it (W&B, or nothing)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+LOGGERS = ("wandb", "none")
+
+
+class NullLogger:
+    def log_run(self, rec: dict[str, Any], plot: Path | None) -> None:
+        pass
+
+    def finish(self, status: str) -> None:
+        pass
+
+
+class WandbLogger:
+    """Mirrors config, stage times, the per-layer score chart and the results to Weights & Biases.
+
+    `mode: offline` (default) needs no login; `wandb sync <dir>` uploads later.
+    """
+
+    def __init__(self, log_cfg: DictConfig, cfg: DictConfig, out_dir: Path, choices: dict[str, str]):
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        self.wandb = wandb
+        name = log_cfg.get("name") or "-".join(f"{choices.get(g)}" for g in ("model", "metric", "compensation"))
+        self.run = wandb.init(
+            project=log_cfg.project, entity=log_cfg.get("entity"), mode=log_cfg.mode, group=log_cfg.get("group"),
+            tags=list(log_cfg.get("tags") or []), name=f"{name}-r{cfg.get('prune_ratio')}", dir=str(out_dir),
+            config={**OmegaConf.to_container(cfg, resolve=True), "choices": choices}, reinit="finish_previous")
+
+    def log_run(self, rec: dict[str, Any], plot: Path | None) -> None:
+        wandb, t = self.wandb, rec["timings"]
+        summary: dict[str, Any] = {f"time/{k}": v for k, v in t["seconds"].items()}
+        summary["time/pruning"] = t["pruning_seconds"]
+        summary.update({f"cost/{k}": v for k, v in t["pruning_cost"].items()})
+        for side in ("dense", "pruned"):
+            summary.update({f"{side}/{k}": v for k, v in rec["results"]["headline"][side].items()})
+        summary.update({f"retained_pct/{k}": v for k, v in rec["results"]["retained_pct"].items()})
+        summary["removed_layers"] = rec["removed_layers"]
+        self.run.summary.update(summary)
+        first = rec["selection"]["decisions"][0]
+        table = wandb.Table(columns=["layer", "score"],
+                            data=[[i, s] for i, s in enumerate(first["scores"]) if s is not None])
+        log = {"scores/first_decision": wandb.plot.bar(table, "layer", "score", title="per-layer importance")}
+        if plot is not None:
+            log["scores/all_decisions"] = wandb.Image(str(plot))
+        self.run.log(log)
+
+    def finish(self, status: str) -> None:
+        self.run.finish(exit_code=0 if status == "done" else 1)
+
+
+def make_logger(log_cfg: DictConfig, cfg: DictConfig, out_dir: Path, choices: dict[str, str]):
+    kind = log_cfg.get("kind", "none")
+    if kind == "none":
+        return NullLogger()
+    if kind == "wandb":
+        return WandbLogger(log_cfg, cfg, out_dir, choices)
+    raise ValueError(f"logger.kind={kind!r} is not supported; allowed: {list(LOGGERS)}")

@@ -1,0 +1,160 @@
+"""The layer-importance metric interface shared by GradMAP and every baseline.
+
+A metric scores the decoder layers of the *current* model; higher means more important, the lowest is pruned.
+`select` turns scores into pruning decisions: one-shot (score once, drop the n lowest) or iterative (score, drop
+the lowest, rescore the smaller model, ...). Iterative rescoring hides removed layers with
+`surgery.layers_removed`, so a metric never changes the model: weights, hooks, `.grad` and `requires_grad` are
+exactly as found when `select` returns.
+
+A baseline is one file in `baselines/` with a subclass and one YAML in `conf/metric/` whose `_target_` names it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from gradmap import surgery
+
+
+@dataclass
+class Calibration:
+    """Calibration token ids [num_samples, seq_len], iterated in micro-batches of `batch_size` rows."""
+
+    input_ids: torch.Tensor
+    batch_size: int = 8
+
+    def batches(self, device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
+        for start in range(0, self.input_ids.shape[0], self.batch_size):
+            chunk = self.input_ids[start:start + self.batch_size]
+            yield chunk.to(device) if device is not None else chunk
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(self.input_ids.shape[0] / self.batch_size)
+
+
+@dataclass
+class Cost:
+    """Machine-independent cost: tokens pushed through the full model forward, and through backward."""
+
+    forward_tokens: int = 0
+    backward_tokens: int = 0
+    train_tokens: int = 0  # tokens through trained sub-modules (compensations that train), not full-model passes
+
+    def add(self, other: Cost) -> None:
+        self.forward_tokens += other.forward_tokens
+        self.backward_tokens += other.backward_tokens
+        self.train_tokens += other.train_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def count_forward_tokens(model: nn.Module, cost: Cost) -> Iterator[Cost]:
+    """Count the tokens of every full-model forward while the context is open (the runner wraps each stage)."""
+
+    def hook(_module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor):
+            ids = args[0]
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+            cost.forward_tokens += 0 if ids is None else ids.shape[0] * ids.shape[1]
+        else:
+            cost.forward_tokens += ids.numel()
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield cost
+    finally:
+        handle.remove()
+
+
+@dataclass
+class Decision:
+    """One pruning decision: the scores it was based on (indexed by original layer; None = already removed)."""
+
+    step: int
+    scores: list[float | None]
+    removed: list[int]
+    seconds: float = 0.0  # whole decision: scoring plus choosing
+    score_seconds: float = 0.0  # the scoring pass(es) alone
+
+
+@dataclass
+class Selection:
+    removed: list[int]  # original layer indices, in the order they were chosen
+    decisions: list[Decision] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"removed": sorted(self.removed), "removal_order": list(self.removed),
+                "decisions": [asdict(d) for d in self.decisions]}
+
+
+class LayerMetric(ABC):
+    """Base class. Subclasses implement `score`; span metrics (contiguous blocks) override `select`.
+
+    Args:
+        iterative: rescore after each removal (one scoring pass per decision) instead of once.
+        protect_first / protect_last: never prune the first / last k layers (e.g. Taylor+ keeps 4 and 2).
+    """
+
+    name = "metric"
+
+    def __init__(self, iterative: bool = False, protect_first: int = 0, protect_last: int = 0):
+        self.iterative = iterative
+        self.protect_first = protect_first
+        self.protect_last = protect_last
+
+    @abstractmethod
+    def score(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
+        """One float per current decoder layer; higher = more important."""
+
+    def prunable(self, original_count: int) -> list[int]:
+        return list(range(self.protect_first, original_count - self.protect_last))
+
+    def _check_budget(self, original_count: int, num_prune: int) -> None:
+        allowed = len(self.prunable(original_count))
+        if not 0 < num_prune <= allowed or num_prune >= original_count:
+            raise ValueError(f"num_prune={num_prune} is not possible for {type(self).__name__} on a "
+                             f"{original_count}-layer model; allowed: 1..{min(allowed, original_count - 1)}")
+
+    def select(self, model: nn.Module, calib: Calibration, num_prune: int, cost: Cost) -> Selection:
+        original_count = surgery.num_layers(model)
+        self._check_budget(original_count, num_prune)
+        candidates = set(self.prunable(original_count))
+        removed: list[int] = []
+        decisions: list[Decision] = []
+        steps = num_prune if self.iterative else 1
+        for step in range(steps):
+            t0 = time.perf_counter()
+            kept = surgery.kept_indices(original_count, removed)
+            with surgery.layers_removed(model, sorted(removed)):
+                scores = self.score(model, calib, cost).detach().double().cpu()
+            score_seconds = time.perf_counter() - t0
+            if scores.shape != (len(kept),) or not torch.isfinite(scores).all():
+                raise RuntimeError(f"{type(self).__name__}.score returned {tuple(scores.shape)} scores "
+                                   f"(finite: {bool(torch.isfinite(scores).all())}); expected {len(kept)} finite")
+            full: list[float | None] = [None] * original_count
+            for pos, orig in enumerate(kept):
+                full[orig] = float(scores[pos])
+            order = sorted((i for i in kept if i in candidates), key=lambda i: (full[i], i))
+            take = order[:1] if self.iterative else order[:num_prune]
+            removed.extend(take)
+            decisions.append(Decision(step=step, scores=full, removed=take, seconds=time.perf_counter() - t0,
+                                      score_seconds=score_seconds))
+        return Selection(removed=removed, decisions=decisions)
+

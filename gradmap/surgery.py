@@ -1,0 +1,213 @@
+"""Layer surgery: find, remove, temporarily hide and restore decoder layers of a causal LM.
+
+Everything that changes which decoder layers a model runs goes through this module, so the three things that
+must stay consistent always do: the layer list itself, the per-layer entries of the config (`num_hidden_layers`,
+`layer_types`, ...), and the attention modules' `layer_idx` (used to address the KV cache during generation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Attribute paths (from the CausalLM wrapper) to the decoder layer list, per architecture family.
+LAYER_PATHS: dict[str, str] = {
+    "llama/mistral/qwen2/qwen3/gemma/gemma3/phi3": "model.layers",
+    "gpt2": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+    "opt": "model.decoder.layers",
+}
+# Config attributes that hold the layer count under another name (GPT-2 style configs).
+_LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layer", "num_layers")
+# Config attributes that are per-layer lists and must shrink with the model.
+_PER_LAYER_LIST_ATTRS = ("layer_types", "sliding_window_pattern_list", "no_rope_layers", "mlp_only_layers")
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def _resolve(obj: object, path: str) -> object | None:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _layer_path(model: nn.Module) -> str:
+    for path in LAYER_PATHS.values():
+        found = _resolve(model, path)
+        if isinstance(found, nn.ModuleList):
+            return path
+    raise UnsupportedArchitectureError(
+        f"cannot find the decoder layer list of {type(model).__name__}; supported layouts: "
+        + ", ".join(f"{fam} (`{p}`)" for fam, p in LAYER_PATHS.items())
+    )
+
+
+def get_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder layer list (raises UnsupportedArchitectureError naming the class if unknown)."""
+    return _resolve(model, _layer_path(model))  # type: ignore[return-value]
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(get_decoder_layers(model))
+
+
+def _set_decoder_layers(model: nn.Module, layers: Sequence[nn.Module]) -> None:
+    path = _layer_path(model)
+    parent_path, _, attr = path.rpartition(".")
+    parent = _resolve(model, parent_path) if parent_path else model
+    setattr(parent, attr, nn.ModuleList(layers))
+
+
+def _sync_config(config: object, keep: Sequence[int], old_len: int) -> None:
+    """Shrink or regrow the config's per-layer fields to match the layer positions in `keep`."""
+    for attr in _LAYER_COUNT_ATTRS:
+        if isinstance(getattr(config, attr, None), int):
+            setattr(config, attr, len(keep))
+    for attr in _PER_LAYER_LIST_ATTRS:
+        value = getattr(config, attr, None)
+        if isinstance(value, (list, tuple)) and len(value) == old_len:
+            setattr(config, attr, type(value)(value[i] for i in keep))
+    text_config = getattr(config, "text_config", None)  # multimodal wrappers (e.g. Gemma3ForConditionalGeneration)
+    if text_config is not None and text_config is not config:
+        _sync_config(text_config, keep, old_len)
+
+
+def _renumber(layers: Sequence[nn.Module]) -> None:
+    """Give every module with a `layer_idx` (attention, and the layer itself in some models) its new position."""
+    for position, layer in enumerate(layers):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
+
+
+def _config_snapshot(config: object) -> dict[str, object]:
+    snap = {a: getattr(config, a) for a in _LAYER_COUNT_ATTRS + _PER_LAYER_LIST_ATTRS if hasattr(config, a)}
+    text_config = getattr(config, "text_config", None)
+    if text_config is not None and text_config is not config:
+        snap["text_config"] = _config_snapshot(text_config)
+    return snap
+
+
+def _config_restore(config: object, snap: Mapping[str, object]) -> None:
+    for attr, value in snap.items():
+        if attr == "text_config":
+            _config_restore(config.text_config, value)  # type: ignore[arg-type]
+        else:
+            setattr(config, attr, value)
+
+
+def _check_indices(indices: Sequence[int], n: int) -> list[int]:
+    bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < n]
+    if bad:
+        raise ValueError(f"layer indices {bad} are out of range; allowed: 0..{n - 1}")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"layer indices {list(indices)} contain duplicates")
+    if len(indices) >= n:
+        raise ValueError(f"cannot remove {len(indices)} of {n} layers: at least one must remain")
+    return sorted(indices)
+
+
+def remove_layers(model: nn.Module, indices: Sequence[int]) -> dict[int, nn.Module]:
+    """Remove the layers at the given current positions, in place; return them keyed by position.
+
+    Keeps the config's per-layer fields in sync and renumbers `layer_idx`, so cached generation works.
+    """
+    layers = get_decoder_layers(model)
+    n = len(layers)
+    drop = set(_check_indices(list(indices), n))
+    keep = [i for i in range(n) if i not in drop]
+    removed = {i: layers[i] for i in sorted(drop)}
+    _set_decoder_layers(model, [layers[i] for i in keep])
+    _sync_config(model.config, keep, n)
+    _renumber(get_decoder_layers(model))
+    return removed
+
+
+def restore_layers(model: nn.Module, removed: Mapping[int, nn.Module], config_snapshot: Mapping | None = None) -> None:
+    """Inverse of `remove_layers`: put `removed` back at their positions (positions in the restored model)."""
+    current = list(get_decoder_layers(model))
+    total = len(current) + len(removed)
+    it = iter(current)
+    merged = [removed[i] if i in removed else next(it) for i in range(total)]
+    _set_decoder_layers(model, merged)
+    if config_snapshot is not None:
+        _config_restore(model.config, config_snapshot)
+    else:
+        for attr in _LAYER_COUNT_ATTRS:
+            if isinstance(getattr(model.config, attr, None), int):
+                setattr(model.config, attr, total)
+    _renumber(merged)
+
+
+@contextlib.contextmanager
+def layers_removed(model: nn.Module, indices: Sequence[int]) -> Iterator[nn.Module]:
+    """Run the model as if `indices` were removed; everything is put back exactly on exit.
+
+    Used by iterative metrics, which must never change the model they score.
+    """
+    if not indices:
+        yield model
+        return
+    snap = _config_snapshot(model.config)
+    removed = remove_layers(model, indices)
+    try:
+        yield model
+    finally:
+        restore_layers(model, removed, snap)
+
+
+@contextlib.contextmanager
+def dense_view(model: nn.Module, removed: Mapping[int, nn.Module]) -> Iterator[nn.Module]:
+    """Temporarily reinsert removed layers (keyed by original position) into a pruned model.
+
+    This is how compensation gets the dense reference without a second copy of the model: the removed layers
+    are kept in memory until compensation ends.
+    """
+    if not removed:
+        yield model
+        return
+    snap = _config_snapshot(model.config)
+    kept_positions = [i for i in range(num_layers(model) + len(removed)) if i not in removed]
+    restore_layers(model, removed)
+    _sync_config(model.config, list(range(num_layers(model))), num_layers(model))
+    try:
+        yield model
+    finally:
+        _set_decoder_layers(model, [get_decoder_layers(model)[i] for i in kept_positions])
+        _config_restore(model.config, snap)
+        _renumber(get_decoder_layers(model))
+
+
+def kept_indices(original_count: int, removed: Sequence[int]) -> list[int]:
+    drop = set(removed)
+    return [i for i in range(original_count) if i not in drop]
+
+
+def save_pruned(model: nn.Module, tokenizer, save_dir: str | os.PathLike, info: Mapping[str, object]) -> Path:
+    """Write a standard checkpoint that plain `AutoModelForCausalLM.from_pretrained` loads, plus
+    `pruning_info.json` (which original layers were removed and how the model was compensated)."""
+    from gradmap.models import save_plain_checkpoint
+
+    out = save_plain_checkpoint(model, tokenizer, save_dir)
+    (out / "pruning_info.json").write_text(json.dumps(dict(info), indent=2, default=str))
+    return out
+
+
+@torch.no_grad()
+def assert_same_weights(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
+    """Raise if two state dicts differ (used by tests and metric contracts)."""
+    if a.keys() != b.keys():
+        raise AssertionError(f"state dict keys differ: {sorted(set(a) ^ set(b))[:5]}")
+    for k in a:
+        if not torch.equal(a[k], b[k]):
+            raise AssertionError(f"weight {k} changed")
