@@ -73,6 +73,8 @@ def gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
     finally:
         if not was:
             model.gradient_checkpointing_disable()
+            # transformers 5 adds an input-requires-grad hook on enable but removes it on disable only for PEFT.
+            model.disable_input_require_grads()
 
 
 def reduce_weight_grad(grad: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> tuple[float, float, float]:

@@ -62,10 +62,11 @@ def num_layers(model: nn.Module) -> int:
 
 
 def _set_decoder_layers(model: nn.Module, layers: Sequence[nn.Module]) -> None:
-    path = _layer_path(model)
-    parent_path, _, attr = path.rpartition(".")
-    parent = _resolve(model, parent_path) if parent_path else model
-    setattr(parent, attr, nn.ModuleList(layers))
+    """Refill the existing ModuleList in place: a new list would reset its train/eval flag and drop its hooks."""
+    container = get_decoder_layers(model)
+    layers = list(layers)
+    del container[:]
+    container.extend(layers)
 
 
 def _sync_config(config: object, keep: Sequence[int], old_len: int) -> None:

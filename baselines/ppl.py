@@ -1,0 +1,62 @@
+"""Shortened LLaMA's perplexity criterion, and the calibration perplexity it and SLEB share."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from baselines._common import eval_mode
+from gradmap import surgery
+from gradmap.metric import Calibration, Cost, LayerMetric
+from gradmap.models import model_device
+
+
+@torch.no_grad()
+def calibration_perplexity(model: nn.Module, calib: Calibration) -> float:
+    """exp(mean next-token cross-entropy over every predicted calibration token).
+
+    HF's loss is the mean over a micro-batch's B*(T-1) predicted tokens, so micro-batches are weighted by that count;
+    the sum is a Python float (float64).
+    """
+    total, count = 0.0, 0
+    for batch in calib.batches(model_device(model)):
+        n = batch.shape[0] * (batch.shape[1] - 1)
+        total += float(model(input_ids=batch, labels=batch, use_cache=False).loss) * n
+        count += n
+    return math.exp(total / count)
+
+
+class PerplexityDrop(LayerMetric):
+    """PPL criterion from Shortened LLaMA: the calibration perplexity of the model with the layer removed.
+
+    Paper: "Shortened LLaMA: Depth Pruning for Large Language Models with Comparison of Retraining Methods" (v1:
+    "Shortened LLaMA: A Simple Depth Pruning for Large Language Models"), Bo-Kyeong Kim, Geonmin Kim, Tae-Ho Kim,
+    Thibault Castells, Shinkook Choi, Junho Shin, Hyoung-Kyu Song, arXiv 2402.02834, https://arxiv.org/abs/2402.02834
+
+    Formula: I_l = PPL(model without layer l) = exp(mean next-token CE over the calibration tokens), each layer
+    removed alone (temporarily, with `surgery.layers_removed`): one pass over the calibration set per layer.
+
+    Direction: the score is that perplexity as is: a layer whose removal hurts least (lowest PPL) is pruned first.
+
+    Args:
+        iterative: False by default: Shortened LLaMA scores once and removes the n lowest (SLEB is the iterative
+            variant, `baselines.sleb.SLEB`).
+        protect_first / protect_last: layers never pruned; 0 by default (the paper protects none for PPL). Protected
+            layers are still scored, so every decision has a score for every present layer.
+    """
+
+    name = "ppl"
+
+    def __init__(self, iterative: bool = False, protect_first: int = 0, protect_last: int = 0):
+        super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
+
+    def score(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
+        n = surgery.num_layers(model)
+        scores = torch.empty(n, dtype=torch.float64)
+        with eval_mode(model):
+            for i in range(n):
+                with surgery.layers_removed(model, [i]):
+                    scores[i] = calibration_perplexity(model, calib)
+        return scores

@@ -1,0 +1,97 @@
+"""Shortened LLaMA's block-level Taylor criterion (Taylor and Taylor+)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from baselines._common import eval_mode, resolve_accum_dtype
+from gradmap import surgery
+from gradmap.gradmap_metric import gradient_checkpointing, grad_state_preserved
+from gradmap.metric import Calibration, Cost, LayerMetric
+from gradmap.models import model_device
+
+
+class BlockTaylor(LayerMetric):
+    """First-order Taylor estimate of the loss change when a whole block's weights are zeroed.
+
+    Paper: "Shortened LLaMA: Depth Pruning for Large Language Models with Comparison of Retraining Methods" (v1:
+    "Shortened LLaMA: A Simple Depth Pruning for Large Language Models"), Bo-Kyeong Kim, Geonmin Kim, Tae-Ho Kim,
+    Thibault Castells, Shinkook Choi, Junho Shin, Hyoung-Kyu Song, arXiv 2402.02834, https://arxiv.org/abs/2402.02834
+
+    Formula: I_l = sum over every weight element w of block l of |w * dL/dw|, L the next-token cross-entropy averaged
+    over all calibration tokens. The gradient is that of the full calibration batch: micro-batch gradients
+    (weighted by their share of predicted tokens) are summed into private `accum_dtype` buffers and |w * g| is taken
+    once at the end (|sum| rather than sum of |.|, which would overestimate). With a single micro-batch no buffer
+    is needed. Only the blocks' parameters require grad during the backward; every parameter's `requires_grad`
+    and `.grad` are restored afterwards.
+
+    Taylor+ (`conf/metric/taylor_plus.yaml`): the paper observes that plain Taylor tends to remove early blocks,
+    which hurts badly, and so heuristically excludes the first four and the last two blocks from pruning
+    (protect_first=4, protect_last=2).
+
+    Direction: the score is I_l as is: the block whose zeroing changes the loss least (lowest) is pruned.
+
+    Args:
+        iterative: False by default: the paper scores once and removes the n lowest.
+        accum_dtype: dtype of the gradient buffers and products; float32 by default, because the buffers hold one
+            gradient per block weight (float64 would double that memory); float64 for exact checks.
+        gradient_checkpointing: recompute activations in backward to save memory on large models (off by default).
+        protect_first / protect_last: blocks never pruned; 0 / 0 for Taylor, 4 / 2 for Taylor+ (the paper).
+    """
+
+    name = "taylor"
+
+    def __init__(self, iterative: bool = False, accum_dtype: str = "float32", gradient_checkpointing: bool = False,
+                 protect_first: int = 0, protect_last: int = 0):
+        super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
+        self.dtype = resolve_accum_dtype(accum_dtype)
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def score(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
+        with grad_state_preserved(model), eval_mode(model), \
+                gradient_checkpointing(model, self.gradient_checkpointing):
+            return self._score(model, calib, cost)
+
+    def _score(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
+        layers = surgery.get_decoder_layers(model)
+        scores = torch.zeros(len(layers), dtype=torch.float64)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        owner: dict[nn.Parameter, int] = {}
+        for i, layer in enumerate(layers):
+            for p in layer.parameters():
+                if p.is_floating_point():
+                    p.requires_grad_(True)
+                    owner[p] = i
+
+        single = calib.num_batches == 1
+        total = calib.input_ids.shape[0] * (calib.input_ids.shape[1] - 1)  # predicted tokens (labels are shifted)
+        buffers: dict[nn.Parameter, torch.Tensor] = {}
+        state = {"w": 0.0}
+
+        def taylor(p: nn.Parameter, g: torch.Tensor) -> float:
+            return float((p.detach().to(self.dtype) * g).abs().sum())
+
+        def hook(p: nn.Parameter) -> None:
+            g = p.grad.to(self.dtype) * state["w"]  # this micro-batch's share of the full-batch gradient
+            p.grad = None
+            if single:
+                scores[owner[p]] += taylor(p, g)
+            elif p in buffers:
+                buffers[p].add_(g)
+            else:
+                buffers[p] = g
+
+        handles = [p.register_post_accumulate_grad_hook(hook) for p in owner]
+        try:
+            for batch in calib.batches(model_device(model)):
+                state["w"] = batch.shape[0] * (batch.shape[1] - 1) / total
+                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+                cost.backward_tokens += batch.numel()
+        finally:
+            for h in handles:
+                h.remove()
+        for p, g in buffers.items():
+            scores[owner[p]] += taylor(p, g)
+        return scores
