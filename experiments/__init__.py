@@ -1,0 +1,1 @@
+"""Experiment tooling that reads finished sweeps (not part of the installed `gradmap` package)."""
