@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -27,6 +28,12 @@ LAYER_PATHS: dict[str, str] = {
 _LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layer", "num_layers")
 # Config attributes that are per-layer lists and must shrink with the model.
 _PER_LAYER_LIST_ATTRS = ("layer_types", "sliding_window_pattern_list", "no_rope_layers", "mlp_only_layers")
+
+
+# Per-layer config entries (e.g. a removed layer's `layer_types` entry) of layers taken out by `remove_layers`,
+# so `restore_layers` without a config snapshot (`dense_view`) can regrow the per-layer lists: the pruned config no
+# longer holds them. Weak keys: entries go away with the removed layer objects.
+_REMOVED_ENTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -83,6 +90,32 @@ def _sync_config(config: object, keep: Sequence[int], old_len: int) -> None:
         _sync_config(text_config, keep, old_len)
 
 
+def _layer_entries(config: object, i: int, old_len: int) -> dict[str, object]:
+    """The per-layer config entries of layer position `i` (a config for `old_len` layers)."""
+    entries: dict[str, object] = {}
+    for attr in _PER_LAYER_LIST_ATTRS:
+        value = getattr(config, attr, None)
+        if isinstance(value, (list, tuple)) and len(value) == old_len:
+            entries[attr] = value[i]
+    text_config = getattr(config, "text_config", None)
+    if text_config is not None and text_config is not config:
+        entries["text_config"] = _layer_entries(text_config, i, old_len)
+    return entries
+
+
+def _regrow_config(config: object, entries: Mapping[int, Mapping[str, object]], total: int) -> None:
+    """Inverse of `_sync_config`: reinsert the removed positions' per-layer entries (keyed by position)."""
+    for attr in _PER_LAYER_LIST_ATTRS:
+        value = getattr(config, attr, None)
+        if (isinstance(value, (list, tuple)) and len(value) == total - len(entries)
+                and all(attr in e for e in entries.values())):
+            it = iter(value)
+            setattr(config, attr, type(value)(entries[i][attr] if i in entries else next(it) for i in range(total)))
+    text_config = getattr(config, "text_config", None)
+    if text_config is not None and text_config is not config:
+        _regrow_config(text_config, {i: e.get("text_config", {}) for i, e in entries.items()}, total)
+
+
 def _renumber(layers: Sequence[nn.Module]) -> None:
     """Give every module with a `layer_idx` (attention, and the layer itself in some models) its new position."""
     for position, layer in enumerate(layers):
@@ -112,9 +145,9 @@ def _check_indices(indices: Sequence[int], n: int) -> list[int]:
     if bad:
         raise ValueError(f"layer indices {bad} are out of range; allowed: 0..{n - 1}")
     if len(set(indices)) != len(indices):
-        raise ValueError(f"layer indices {list(indices)} contain duplicates")
+        raise ValueError(f"layer indices {list(indices)} contain duplicates; allowed: distinct indices in 0..{n - 1}")
     if len(indices) >= n:
-        raise ValueError(f"cannot remove {len(indices)} of {n} layers: at least one must remain")
+        raise ValueError(f"cannot remove {len(indices)} of {n} layers: at least one must remain; allowed: 1..{n - 1} indices in 0..{n - 1}")
     return sorted(indices)
 
 
@@ -128,6 +161,8 @@ def remove_layers(model: nn.Module, indices: Sequence[int]) -> dict[int, nn.Modu
     drop = set(_check_indices(list(indices), n))
     keep = [i for i in range(n) if i not in drop]
     removed = {i: layers[i] for i in sorted(drop)}
+    for i, layer in removed.items():
+        _REMOVED_ENTRIES[layer] = _layer_entries(model.config, i, n)
     _set_decoder_layers(model, [layers[i] for i in keep])
     _sync_config(model.config, keep, n)
     _renumber(get_decoder_layers(model))
@@ -147,6 +182,8 @@ def restore_layers(model: nn.Module, removed: Mapping[int, nn.Module], config_sn
         for attr in _LAYER_COUNT_ATTRS:
             if isinstance(getattr(model.config, attr, None), int):
                 setattr(model.config, attr, total)
+        if all(layer in _REMOVED_ENTRIES for layer in removed.values()):
+            _regrow_config(model.config, {i: _REMOVED_ENTRIES[layer] for i, layer in removed.items()}, total)
     _renumber(merged)
 
 
