@@ -1,5 +1,1 @@
-"""Baseline layer-importance metrics, one file per paper, each a `gradmap.metric.LayerMetric`.
-
-Each has a config in `conf/metric/` (`python run.py metric=<name>`): bi (ShortGPT), taylor / taylor_plus and ppl
-(Shortened LLaMA), sleb (SLEB), streamline (LLM-Streamline), angular (Gromov et al.), random.
-"""
+"""Baseline layer-pruning methods: metrics and compensations from earlier papers, one file per method."""

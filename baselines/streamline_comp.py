@@ -1,0 +1,226 @@
+"""LLM-Streamline compensation: retrain the kept layer next to each gap to do the removed layers' work."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from baselines._compensation import dense_final_states, final_rel_error, layer_states
+from gradmap import surgery
+from gradmap.capture import _hidden
+from gradmap.compensation import Compensation, IncompatibleCompensationError
+from gradmap.metric import Calibration, Cost
+from gradmap.models import model_device
+
+PARTS = ("layer", "ffn")
+# Decoder-layer call arguments that must not be replayed: the cache belongs to the forward that produced them.
+_NOT_REPLAYED = ("hidden_states", "past_key_values", "past_key_value", "layer_past", "use_cache", "cache_position")
+
+
+def _to_float(x: Any, dtype: torch.dtype) -> Any:
+    """Cast floating tensors inside (nested tuples of) call arguments, e.g. RoPE cos/sin and additive masks."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_float(v, dtype) for v in x)
+    return x
+
+
+def _to_float_kw(kw: dict) -> dict:
+    return {k: _to_float(v, torch.float32) for k, v in kw.items()}
+
+
+@torch.no_grad()
+def capture_layer_calls(model: nn.Module, calib: Calibration, position: int) -> list[tuple[torch.Tensor, tuple, dict]]:
+    """Per calibration batch, (hidden input, other positional args, kwargs) of the decoder layer at `position`, as
+    the current (pruned) model calls it: replaying them runs the layer exactly as inside the model (RoPE
+    position embeddings, attention mask, ...)."""
+    calls: list[tuple[torch.Tensor, tuple, dict]] = []
+
+    def hook(_m, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        rest = args if "hidden_states" in kwargs else args[1:]
+        kw = {k: v for k, v in kwargs.items() if k not in _NOT_REPLAYED}
+        calls.append((hidden.detach().float().cpu(), rest, {**kw, "use_cache": False}))
+
+    handle = surgery.get_decoder_layers(model)[position].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in calib.batches(model_device(model)):
+            model(input_ids=batch, use_cache=False)
+    finally:
+        handle.remove()
+    return calls
+
+
+class StreamlineTraining(Compensation):
+    """LLM-Streamline's lightweight network, trained in place of the removed layers (MSE to the dense states).
+
+    Paper: "Compressing Large Language Models by Streamlining the Unimportant Layer" (later: "Streamlining Redundant
+    Layers to Compress Large Language Models"), Xiaodong Chen, Yuxuan Hu, Jing Zhang, Yanling Wang, Cuiping Li,
+    Hong Chen, arXiv 2403.19135, https://arxiv.org/abs/2403.19135 (code: github.com/RUCKBReasoning/LLM-Streamline).
+
+    Method: a removed span is replaced by one lightweight module trained so that, from the hidden state entering
+    the span, it reproduces the dense hidden state leaving it: min E_t ||f(x_t) - y_t||^2 (nn.MSELoss), AdamW.
+    The official code initialises the lightweight layer from the first layer of the span and drops the others; the
+    same arrangement here keeps the layer count at L - n: for each gap [a, b] the kept layer k = a - 1 just before
+    it is trained to map its input to the dense output of layer b (it now does its own work and the gap's). A gap
+    that starts at layer 0 has no kept layer before it; then the first kept layer after it (b + 1) is trained to map
+    its input (the embeddings) to its own dense output (reported as `side: after`). In general the trained kept
+    layer k targets the dense input of the next kept layer (dense output of next_kept(k) - 1, or of the last layer).
+
+    `part=layer`: the whole decoder layer is trained (the paper's transformer-layer lightweight network).
+    `part=ffn`: only its MLP is trained (the paper's FFN variant, adapted: attention stays as it is). The layer is
+    still called as a whole with only the MLP's parameters trainable, which for a pre-norm layer is the same as
+    fitting mlp(post_attention_layernorm(h_mid)) to (target - h_mid), h_mid the post-attention residual.
+
+    Data (our choice, stated): inputs are the *pruned* model's inputs to the trained layer, captured in depth order
+    after the earlier gaps were trained (what the layer sees at inference); the paper trains on dense hidden states
+    (input of the removed span), which is the same thing for the first gap. Targets are dense, captured once before
+    any training, because the dense view shares the kept layers being trained. The layer's call arguments (RoPE
+    position embeddings, attention mask) are captured with a forward pre-hook and replayed.
+
+    Schedule and defaults (official code, `args.py` / `train_lightweightnetwork.py`): AdamW, lr 2e-4, weight decay
+    1e-3, linear warmup over 1% of the steps then cosine decay to min_lr 5e-5, gradient clipping at norm 5. The paper
+    trains 1 epoch over ~100k sequences (batch 8 x 16 accumulation); with ~1k calibration tokens that is a handful of
+    steps, so `epochs` defaults to 20 passes over the calibration set (one step per calibration micro-batch), which
+    trains a 135M model in well under a minute on a CPU. Training runs in float32 (the layer is cast up and back) so
+    AdamW updates are not lost to bf16 rounding. Only the trained module's parameters get requires_grad; every flag
+    is restored and no .grad is left behind.
+
+    Report: per trained layer the loss before/after (MSE over the calibration set), steps and `train_seconds`;
+    `cost.train_tokens` counts tokens through the trained module (epochs x calibration tokens per trained layer).
+    """
+
+    name = "streamline"
+    trains = True
+
+    def __init__(self, part: str = "layer", epochs: int = 20, lr: float = 2e-4, min_lr: float = 5e-5,
+                 weight_decay: float = 1e-3, warmup_ratio: float = 0.01, max_grad_norm: float = 5.0):
+        if part not in PARTS:
+            raise ValueError(f"part={part!r} is not valid; allowed: {list(PARTS)}")
+        if epochs < 1 or lr <= 0 or not 0 <= min_lr <= lr or not 0 <= warmup_ratio < 1:
+            raise ValueError(f"invalid schedule: epochs={epochs} (>= 1), lr={lr} (> 0), min_lr={min_lr} "
+                             f"(0..lr), warmup_ratio={warmup_ratio} (0..1)")
+        self.part, self.epochs, self.lr, self.min_lr = part, epochs, lr, min_lr
+        self.weight_decay, self.warmup_ratio, self.max_grad_norm = weight_decay, warmup_ratio, max_grad_norm
+        self.name = f"streamline_{part}"
+
+    def check_compatible(self, model: nn.Module, removed: list[int]) -> None:
+        layer = surgery.get_decoder_layers(model)[0]
+        if self.part == "ffn" and not isinstance(getattr(layer, "mlp", None), nn.Module):
+            raise IncompatibleCompensationError(
+                f"streamline_ffn trains the layer's `mlp`, which {type(layer).__name__} does not have; "
+                f"use compensation=streamline_layer")
+        # Every gap has a kept neighbour (remove_layers always keeps one layer), so no pairing is impossible here.
+
+    def _trained_module(self, layer: nn.Module) -> nn.Module:
+        return layer if self.part == "layer" else layer.mlp
+
+    def apply(self, model: nn.Module, removed: Mapping[int, nn.Module], calib: Calibration,
+              cost: Cost) -> dict[str, Any]:
+        if not removed:
+            return {"sites": [], "note": "nothing removed"}
+        self.check_compatible(model, sorted(removed))
+        original_count = surgery.num_layers(model) + len(removed)
+        kept = surgery.kept_indices(original_count, list(removed))
+        aligned = [(kept[j + 1] - 1) if j + 1 < len(kept) else original_count - 1 for j in range(len(kept))]
+        # Kept layers followed by a gap; plus the first kept layer when the model starts with a gap.
+        sites = [j for j in range(len(kept)) if aligned[j] != kept[j] or (j == 0 and kept[0] > 0)]
+
+        with surgery.dense_view(model, removed):  # dense targets first: training changes shared kept layers
+            targets = layer_states(model, calib, sorted({aligned[j] for j in sites}))
+        dense_final = dense_final_states(model, removed, calib)
+        error_before = final_rel_error(model, calib, dense_final)
+
+        flags = {p: p.requires_grad for p in model.parameters()}
+        reports = []
+        t0 = time.perf_counter()
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for j in sites:  # depth order: later layers see the earlier ones already trained
+                calls = capture_layer_calls(model, calib, j)
+                rep = self._train(surgery.get_decoder_layers(model)[j], calls, targets[aligned[j]], cost)
+                side = "after" if j == 0 and kept[0] > 0 else "before"
+                reports.append({"kept_position": j, "original_layer": kept[j], "target_dense_layer": aligned[j],
+                                "side": side, **rep})
+                if side == "after":
+                    reports[-1]["note"] = ("the gap starts at layer 0 (no kept layer before it): trained the "
+                                           "first kept layer after it")
+        finally:
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+                p.grad = None
+        train_seconds = time.perf_counter() - t0
+        return {
+            "sites": reports,
+            "part": self.part,
+            "train_seconds": train_seconds,
+            "final_train_loss": sum(r["final_loss"] for r in reports) / len(reports),  # mean over trained layers
+            "final_rel_error_before": error_before,
+            "final_rel_error_after": final_rel_error(model, calib, dense_final),
+            "schedule": {"epochs": self.epochs, "lr": self.lr, "min_lr": self.min_lr,
+                         "weight_decay": self.weight_decay, "warmup_ratio": self.warmup_ratio,
+                         "max_grad_norm": self.max_grad_norm},
+        }
+
+    def _lr_factor(self, step: int, total: int) -> float:
+        """Linear warmup to lr, then cosine decay to min_lr (multiplier of lr for LambdaLR)."""
+        warmup = max(1, math.ceil(self.warmup_ratio * total))
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return (self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / self.lr
+
+    def _train(self, layer: nn.Module, calls, targets: list[torch.Tensor], cost: Cost) -> dict[str, Any]:
+        device = model_device(layer)
+        dtype = next(layer.parameters()).dtype
+        layer.float()  # AdamW in float32; cast back below
+        params = list(self._trained_module(layer).parameters())
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        total = self.epochs * len(calls)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self._lr_factor(step, total))
+
+        def run(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+            hidden, rest, kw = calls[b]
+            out = _hidden(layer(hidden.to(device), *_to_float(rest, torch.float32), **_to_float_kw(kw)))
+            return out, targets[b].to(device)
+
+        @torch.no_grad()
+        def calib_loss() -> float:  # element-weighted MSE over the whole calibration set
+            se = n = 0.0
+            for b in range(len(calls)):
+                out, tgt = run(b)
+                se += float((out.double() - tgt.double()).pow(2).sum())
+                n += tgt.numel()
+            return se / n
+
+        t0 = time.perf_counter()
+        try:
+            initial = calib_loss()
+            with torch.enable_grad():
+                for _ in range(self.epochs):
+                    for b in torch.randperm(len(calls)).tolist():  # global RNG: seeded by the runner
+                        out, tgt = run(b)
+                        loss = nn.functional.mse_loss(out, tgt)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                        opt.step()
+                        sched.step()
+                        cost.train_tokens += tgt.shape[0] * tgt.shape[1]
+            final = calib_loss()
+        finally:
+            for p in params:
+                p.grad = None
+            layer.to(dtype)
+        return {"initial_loss": initial, "final_loss": final, "steps": total,
+                "train_seconds": time.perf_counter() - t0}
+
