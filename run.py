@@ -5,12 +5,20 @@
     python run.py model=llama3_8b calibration=hub eval=zeroshot7 device=cuda
 """
 
+import signal
 import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+# `${split:a-b,1}` -> "b": lets one sweep axis set two coupled options (see conf/experiment/ablation_gradmap.yaml).
+OmegaConf.register_new_resolver("split", lambda value, index: str(value).split("-")[int(index)], replace=True)
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"received signal {signum}")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -18,6 +26,7 @@ def main(cfg: DictConfig) -> None:
     from gradmap.compensation import IncompatibleCompensationError
     from gradmap.runner import GROUPS, run
 
+    signal.signal(signal.SIGTERM, _interrupt)  # a killed job still records status=failed
     hc = HydraConfig.get()
     choices = {g: hc.runtime.choices.get(g) for g in GROUPS}
     try:

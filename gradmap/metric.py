@@ -92,6 +92,8 @@ class Decision:
     removed: list[int]
     seconds: float = 0.0  # whole decision: scoring plus choosing
     score_seconds: float = 0.0  # the scoring pass(es) alone
+    forward_tokens: int = 0  # cost of this decision (counted when the runner's token hook is active)
+    backward_tokens: int = 0
 
 
 @dataclass
@@ -102,6 +104,19 @@ class Selection:
     def as_dict(self) -> dict:
         return {"removed": sorted(self.removed), "removal_order": list(self.removed),
                 "decisions": [asdict(d) for d in self.decisions]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Selection:
+        return cls(removed=list(d["removal_order"]), decisions=[Decision(**x) for x in d["decisions"]])
+
+    @property
+    def seconds(self) -> float:
+        return sum(d.seconds for d in self.decisions)
+
+    @property
+    def cost(self) -> dict[str, int]:
+        return {"forward_tokens": sum(d.forward_tokens for d in self.decisions),
+                "backward_tokens": sum(d.backward_tokens for d in self.decisions)}
 
 
 class LayerMetric(ABC):
@@ -132,15 +147,39 @@ class LayerMetric(ABC):
             raise ValueError(f"num_prune={num_prune} is not possible for {type(self).__name__} on a "
                              f"{original_count}-layer model; allowed: 1..{min(allowed, original_count - 1)}")
 
-    def select(self, model: nn.Module, calib: Calibration, num_prune: int, cost: Cost) -> Selection:
+    # Which cached selections a run with another num_prune may reuse (see `gradmap.cache`):
+    #   "prefix": iterative greedy; the first n decisions of a longer run are the run for n, and a shorter run
+    #             can be resumed; "scores": one-shot; one scoring pass serves every n; "exact": only the same n.
+    @property
+    def reuse(self) -> str:
+        if type(self).select is not LayerMetric.select:
+            return "exact"
+        return "prefix" if self.iterative else "scores"
+
+    def lowest(self, scores: list[float | None], n: int) -> list[int]:
+        """The n prunable layers with the lowest scores (ties: the lower index first)."""
+        candidates = set(self.prunable(len(scores)))
+        order = sorted((i for i, s in enumerate(scores) if s is not None and i in candidates),
+                       key=lambda i: (scores[i], i))
+        return order[:n]
+
+    def select(self, model: nn.Module, calib: Calibration, num_prune: int, cost: Cost,
+               resume: Selection | None = None) -> Selection:
+        """Choose `num_prune` layers. `resume`: earlier decisions of this same metric to continue from
+        (iterative) or reuse (one-shot), e.g. from the score cache."""
         original_count = surgery.num_layers(model)
         self._check_budget(original_count, num_prune)
-        candidates = set(self.prunable(original_count))
-        removed: list[int] = []
-        decisions: list[Decision] = []
+        decisions: list[Decision] = list(resume.decisions) if resume else []
+        if not self.iterative and decisions:
+            take = self.lowest(decisions[0].scores, num_prune)
+            first = Decision(**{**asdict(decisions[0]), "removed": take})
+            return Selection(removed=take, decisions=[first])
+        decisions = decisions[:num_prune]
+        removed: list[int] = [i for d in decisions for i in d.removed]
         steps = num_prune if self.iterative else 1
-        for step in range(steps):
+        for step in range(len(decisions), steps):
             t0 = time.perf_counter()
+            before = Cost(**cost.as_dict())
             kept = surgery.kept_indices(original_count, removed)
             with surgery.layers_removed(model, sorted(removed)):
                 scores = self.score(model, calib, cost).detach().double().cpu()
@@ -151,10 +190,10 @@ class LayerMetric(ABC):
             full: list[float | None] = [None] * original_count
             for pos, orig in enumerate(kept):
                 full[orig] = float(scores[pos])
-            order = sorted((i for i in kept if i in candidates), key=lambda i: (full[i], i))
-            take = order[:1] if self.iterative else order[:num_prune]
+            take = self.lowest(full, 1 if self.iterative else num_prune)
             removed.extend(take)
             decisions.append(Decision(step=step, scores=full, removed=take, seconds=time.perf_counter() - t0,
-                                      score_seconds=score_seconds))
+                                      score_seconds=score_seconds,
+                                      forward_tokens=cost.forward_tokens - before.forward_tokens,
+                                      backward_tokens=cost.backward_tokens - before.backward_tokens))
         return Selection(removed=removed, decisions=decisions)
-

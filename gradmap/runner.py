@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gradmap import surgery
+from gradmap.cache import SelectionCache, finished_record, selection_key
 from gradmap.compensation import IncompatibleCompensationError
 from gradmap.data import load_calibration, load_heldout_tokens
 from gradmap.evaluation import evaluate, headline, retained
@@ -127,6 +128,12 @@ class Run:
 
     def execute(self) -> dict[str, Any]:
         cfg, rec, stage = self.cfg, self.record, self.recorder.stage
+        done = None if cfg.get("force") else finished_record(self.out_dir, rec["config"])
+        if done is not None:
+            done.setdefault("reruns_skipped", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            atomic_write_json(self.out_dir / "record.json", done)
+            print(f"[gradmap] skipped: {self.out_dir}/record.json is done with the same config (force=true reruns)")
+            return done
         logger = make_logger(cfg.logger, cfg, self.out_dir, self.choices)
         self.save()
         try:
@@ -157,14 +164,7 @@ class Run:
             rec["results"] = {"dense": self._dense_results(model, tokenizer, heldout)}
             self.save()
 
-            with stage("score", model) as cost:
-                t0 = time.perf_counter()
-                selection = metric.select(model, calib, n, cost)
-                total = time.perf_counter() - t0
-            score_seconds = sum(d.score_seconds for d in selection.decisions)
-            # Split the synchronised stage time into scoring passes and the choosing in between.
-            self.recorder.seconds["score"] -= total - score_seconds
-            self.recorder.add_seconds("select", total - score_seconds)
+            selection = self._select(model, metric, calib, n)
             rec["selection"] = selection.as_dict()
             rec["removed_layers"] = sorted(selection.removed)
             atomic_write_text(self.out_dir / "scores.csv", scores_csv(rec["selection"]["decisions"]))
@@ -180,7 +180,7 @@ class Run:
             self.save()
 
             with stage("evaluate", model):
-                pruned = evaluate(model, tokenizer, cfg.eval, heldout)
+                pruned = evaluate(model, tokenizer, cfg.eval, heldout, seed=cfg.seed)
             dense = rec["results"]["dense"]
             rec["results"].update({"pruned": pruned, "retained_pct": retained(dense, pruned),
                                    "headline": {"dense": headline(dense), "pruned": headline(pruned)}})
@@ -190,6 +190,9 @@ class Run:
                         "compensation_report": rec["compensation"],
                         "config": rec["config"]}
                 rec["saved_to"] = str(surgery.save_pruned(model, tokenizer, cfg.save_dir, info))
+            t = self.recorder.seconds
+            rec["pruning_seconds_original"] = (rec["original_scoring"]["seconds"] + t.get("prune", 0.0)
+                                               + t.get("compensate", 0.0))
             rec["status"] = "done"
             rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             self.save()
@@ -204,6 +207,36 @@ class Run:
             raise
         finally:
             logger.finish(rec.get("status", "failed"))
+
+    def _select(self, model, metric, calib, n):
+        """Score and choose layers, reusing the selection cache (see gradmap.cache) where it applies."""
+        cfg, rec = self.cfg, self.record
+        cache = SelectionCache(_cache_root(cfg)) if cfg.get("cache_selection", True) else None
+        key = selection_key(cfg)
+        cached, complete = cache.lookup(key, metric, n) if cache else (None, False)
+        with self.recorder.stage("score", model) as cost:
+            t0 = time.perf_counter()
+            if cached is not None and complete and metric.reuse != "scores":
+                selection = cached
+            else:  # compute, or continue an iterative order / re-pick from cached one-shot scores
+                resume = {"resume": cached} if cached is not None else {}  # span metrics take no resume
+                selection = metric.select(model, calib, n, cost, **resume)
+            total = time.perf_counter() - t0
+        new_decisions = len(selection.decisions) - (len(cached.decisions) if cached is not None else 0)
+        fresh_score = sum(d.score_seconds for d in selection.decisions[-new_decisions:]) if new_decisions > 0 else 0.0
+        # Split the synchronised stage time into scoring passes and the choosing in between.
+        self.recorder.seconds["score"] -= total - fresh_score
+        self.recorder.add_seconds("select", total - fresh_score)
+        source = "computed" if cached is None else ("cache" if new_decisions <= 0 else "cache+extended")
+        if cache is not None and source != "cache":
+            cache.store(key, n, selection, {"model": self.choices.get("model"), "metric": self.choices.get("metric")})
+        rec["selection_source"] = source
+        rec["selection_cache_key"] = key
+        # What scoring cost when it was actually computed (the basis for speed comparisons across a sweep).
+        rec["original_scoring"] = {"seconds": selection.seconds,
+                                   "score_seconds": sum(d.score_seconds for d in selection.decisions),
+                                   **selection.cost}
+        return selection
 
     def _fail(self, err: BaseException, traceback_text: str | None) -> None:
         self.record["status"] = "failed"
@@ -223,7 +256,7 @@ class Run:
             except (json.JSONDecodeError, KeyError):
                 print(f"[gradmap] corrupt dense-eval cache {cache_file}; recomputing", flush=True)
         with self.recorder.stage("evaluate_dense", model):
-            results = evaluate(model, tokenizer, cfg.eval, heldout)
+            results = evaluate(model, tokenizer, cfg.eval, heldout, seed=cfg.seed)
         self.record["dense_from_cache"] = None
         if cfg.eval.get("cache_dense", True):
             atomic_write_json(cache_file, {"key": dense_cache_key(cfg), "results": results,
