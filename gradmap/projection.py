@@ -13,8 +13,9 @@ Our interpretation (the paper's exact formulas are not public):
   state *after* the gap.
 * Shift. `shift=mean`: ||E_t[h_p - h_d]|| / E_t||h_d||, the relative shift of the mean hidden state;
   `shift=rms`: sqrt(E||h_p - h_d||^2 / E||h_d||^2).
-* Sites (`sites`): `largest` (the one kept layer with the largest shift), `topk` (the k largest), `before_gap`
-  (every kept layer right before a gap).
+* Sites (`sites`): `largest` (the one kept layer with the largest shift; in practice the last layer, where drift
+  has accumulated), `largest_gap` (the one kept layer right before a gap with the largest shift), `topk` (the k
+  largest), `before_gap` (every kept layer right before a gap).
 * Fit. At a site the layer output is h = r + y, with y the MLP's output projection (`down_proj`) and r the residual.
   A square A minimises ||Y A - T||^2 + lam ||A - I||^2 with T = H_dense - R (what the MLP should have output):
   A = (Y^T Y + lam I)^-1 (Y^T T + lam I), in float64; lam = alpha * tr(Y^T Y) / d keeps alpha scale-free, and
@@ -37,7 +38,7 @@ from gradmap.compensation import Compensation, IncompatibleCompensationError
 from gradmap.metric import Calibration, Cost
 from gradmap.models import model_device
 
-SITE_RULES = ("largest", "topk", "before_gap")
+SITE_RULES = ("largest", "largest_gap", "topk", "before_gap")
 SHIFT_MEASURES = ("mean", "rms")
 # Output projection of the MLP, per architecture family; folding into it is exact when nothing follows it but
 # the residual add.
@@ -94,8 +95,11 @@ def choose_sites(rule: str, shifts: Sequence[float], kept: Sequence[int], aligne
         return [max(range(len(shifts)), key=lambda j: (shifts[j], j))]
     if rule == "topk":
         return sorted(sorted(range(len(shifts)), key=lambda j: (-shifts[j], -j))[:k])
+    gaps = [j for j in range(len(kept)) if aligned[j] != kept[j]]
     if rule == "before_gap":
-        return [j for j in range(len(kept)) if aligned[j] != kept[j]]
+        return gaps
+    if rule == "largest_gap":
+        return [max(gaps, key=lambda j: (shifts[j], j))] if gaps else []
     raise ValueError(f"sites={rule!r} is not valid; allowed: {list(SITE_RULES)}")
 
 
@@ -120,7 +124,7 @@ class ProjectionCompensation(Compensation):
     """GradMAP projection compensation (arXiv 2602.14649); see the module docstring.
 
     Args:
-        sites: `largest` | `topk` | `before_gap`; default chosen by measurement (README).
+        sites: `largest` | `largest_gap` | `topk` | `before_gap`; default chosen by measurement (README).
         top_k: number of sites for `topk`.
         shift: `mean` | `rms`, how the drift at each kept layer is measured.
         alpha: ridge strength toward the identity, relative to tr(Y^T Y)/d.
@@ -128,7 +132,7 @@ class ProjectionCompensation(Compensation):
 
     name = "projection"
 
-    def __init__(self, sites: str = "largest", top_k: int = 2, shift: str = "mean", alpha: float = 1e-2):
+    def __init__(self, sites: str = "before_gap", top_k: int = 2, shift: str = "mean", alpha: float = 3.0):
         if sites not in SITE_RULES:
             raise ValueError(f"sites={sites!r} is not valid; allowed: {list(SITE_RULES)}")
         if shift not in SHIFT_MEASURES:
