@@ -127,8 +127,7 @@ class StreamlineTraining(Compensation):
             return {"sites": [], "note": "nothing removed"}
         self.check_compatible(model, sorted(removed))
         original_count = surgery.num_layers(model) + len(removed)
-        kept = surgery.kept_indices(original_count, list(removed))
-        aligned = [(kept[j + 1] - 1) if j + 1 < len(kept) else original_count - 1 for j in range(len(kept))]
+        kept, aligned = surgery.aligned_dense_layers(original_count, list(removed))
         # Kept layers followed by a gap; plus the first kept layer when the model starts with a gap.
         sites = [j for j in range(len(kept)) if aligned[j] != kept[j] or (j == 0 and kept[0] > 0)]
 

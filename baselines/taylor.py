@@ -7,7 +7,7 @@ from torch import nn
 
 from baselines._common import eval_mode, resolve_accum_dtype
 from gradmap import surgery
-from gradmap.gradmap_metric import gradient_checkpointing, grad_state_preserved
+from gradmap.gradmap_metric import grad_state_preserved, gradient_checkpointing, only_layer_weights_trainable
 from gradmap.metric import Calibration, Cost, LayerMetric
 from gradmap.models import model_device
 
@@ -56,14 +56,7 @@ class BlockTaylor(LayerMetric):
     def _score(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
         layers = surgery.get_decoder_layers(model)
         scores = torch.zeros(len(layers), dtype=torch.float64)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        owner: dict[nn.Parameter, int] = {}
-        for i, layer in enumerate(layers):
-            for p in layer.parameters():
-                if p.is_floating_point():
-                    p.requires_grad_(True)
-                    owner[p] = i
+        owner = only_layer_weights_trainable(model)
 
         single = calib.num_batches == 1
         total = calib.input_ids.shape[0] * (calib.input_ids.shape[1] - 1)  # predicted tokens (labels are shifted)

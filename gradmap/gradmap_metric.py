@@ -77,6 +77,20 @@ def gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
             model.disable_input_require_grads()
 
 
+def only_layer_weights_trainable(model: nn.Module) -> dict[nn.Parameter, int]:
+    """Make exactly the decoder layers' float parameters require grad (embeddings, norm and head do not: no wasted
+    gradient memory); return {parameter: layer position}. Callers restore flags with `grad_state_preserved`."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    owner: dict[nn.Parameter, int] = {}
+    for i, layer in enumerate(surgery.get_decoder_layers(model)):
+        for p in layer.parameters():
+            if p.is_floating_point():
+                p.requires_grad_(True)
+                owner[p] = i
+    return owner
+
+
 def reduce_weight_grad(grad: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> tuple[float, float, float]:
     """Per-tensor partial sums (sum|g|, sum g^2, sum W^2) that compose into any weight reduction."""
     g = grad.detach().to(dtype)
@@ -150,14 +164,7 @@ class GradMAPMetric(LayerMetric):
     def _score_weights(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
         layers = surgery.get_decoder_layers(model)
         n = len(layers)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        owner: dict[nn.Parameter, int] = {}
-        for i, layer in enumerate(layers):
-            for p in layer.parameters():
-                if p.is_floating_point():
-                    p.requires_grad_(True)
-                    owner[p] = i
+        owner = only_layer_weights_trainable(model)
         numel = [sum(p.numel() for p in layer.parameters() if p.is_floating_point()) for layer in layers]
         partial = torch.zeros(n, 3, dtype=torch.float64)  # this micro-batch: sum|g|, sum g^2, sum W^2
         totals = torch.zeros(n, dtype=torch.float64)

@@ -208,10 +208,7 @@ class ProjectionCompensation(Compensation):
         if not removed:
             return {"sites": [], "note": "nothing removed"}
         self.check_compatible(model, sorted(removed))
-        original_count = surgery.num_layers(model) + len(removed)
-        kept = surgery.kept_indices(original_count, list(removed))
-        # Dense point aligned with the output of kept layer j: output of original layer k_{j+1} - 1.
-        aligned = [(kept[j + 1] - 1) if j + 1 < len(kept) else original_count - 1 for j in range(len(kept))]
+        kept, aligned = surgery.aligned_dense_layers(surgery.num_layers(model) + len(removed), list(removed))
         last = len(kept) - 1
 
         stats = self._drift(model, removed, calib, aligned)

@@ -231,6 +231,16 @@ def kept_indices(original_count: int, removed: Sequence[int]) -> list[int]:
     return [i for i in range(original_count) if i not in drop]
 
 
+def aligned_dense_layers(original_count: int, removed: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(kept, aligned): kept[j] is the original index of kept layer j, and aligned[j] the original layer whose dense
+    output sits at the same point of the computation as kept layer j's output: the input of the next kept layer,
+    i.e. original k_{j+1} - 1 (the last layer for the last kept one). aligned[j] != kept[j] marks a layer before a gap.
+    """
+    kept = kept_indices(original_count, removed)
+    aligned = [(kept[j + 1] - 1) if j + 1 < len(kept) else original_count - 1 for j in range(len(kept))]
+    return kept, aligned
+
+
 def save_pruned(model: nn.Module, tokenizer, save_dir: str | os.PathLike, info: Mapping[str, object]) -> Path:
     """Write a standard checkpoint that plain `AutoModelForCausalLM.from_pretrained` loads, plus
     `pruning_info.json` (which original layers were removed and how the model was compensated)."""
