@@ -30,14 +30,16 @@ def selection_key(cfg: DictConfig) -> str:
     })
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json_entry(path: Path, discard_corrupt: bool = True) -> dict[str, Any] | None:
+    """A cache/record JSON file, or None if absent or corrupt; a corrupt cache entry is deleted so it gets redone."""
     if not path.exists():
         return None
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        print(f"[gradmap] discarding corrupt cache entry {path} ({err})", flush=True)
-        path.unlink(missing_ok=True)
+        print(f"[gradmap] {'discarding' if discard_corrupt else 'ignoring'} corrupt {path} ({err})", flush=True)
+        if discard_corrupt:
+            path.unlink(missing_ok=True)
         return None
 
 
@@ -52,7 +54,7 @@ class SelectionCache:
 
     def lookup(self, key: str, metric: LayerMetric, n: int) -> tuple[Selection | None, bool]:
         """Return (selection to use or resume from, complete). complete=False means resume from it."""
-        entry = _read_json(self.path(key))
+        entry = read_json_entry(self.path(key))
         if not entry or "selections" not in entry:
             return None, False
         cached = {int(k): Selection.from_dict(v) for k, v in entry["selections"].items()}
@@ -69,14 +71,14 @@ class SelectionCache:
         return None, False
 
     def store(self, key: str, n: int, selection: Selection, meta: dict[str, Any]) -> None:
-        entry = _read_json(self.path(key)) or {"selections": {}, "meta": meta}
+        entry = read_json_entry(self.path(key)) or {"selections": {}, "meta": meta}
         entry["selections"][str(n)] = selection.as_dict()
         atomic_write_json(self.path(key), entry)
 
 
 def finished_record(out_dir: Path, resolved_config: dict[str, Any]) -> dict[str, Any] | None:
     """The job's record if it already finished with exactly this resolved config (then the job is skipped)."""
-    rec = _read_json(Path(out_dir) / "record.json")
+    rec = read_json_entry(Path(out_dir) / "record.json", discard_corrupt=False)  # the job rewrites it
     if rec and rec.get("status") == "done" and rec.get("config") == resolved_config:
         return rec
     return None

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gradmap import surgery
-from gradmap.cache import SelectionCache, finished_record, selection_key
+from gradmap.cache import SelectionCache, finished_record, read_json_entry, selection_key
 from gradmap.compensation import IncompatibleCompensationError
 from gradmap.data import load_calibration, load_heldout_tokens
 from gradmap.evaluation import evaluate, headline, retained
@@ -246,15 +246,10 @@ class Run:
     def _dense_results(self, model, tokenizer, heldout) -> dict[str, Any]:
         cfg = self.cfg
         cache_file = _cache_root(cfg) / "dense_eval" / f"{dense_cache_key(cfg)}.json"
-        if cfg.eval.get("cache_dense", True) and cache_file.exists():
-            import json
-
-            try:
-                cached = json.loads(cache_file.read_text())
-                self.record["dense_from_cache"] = str(cache_file)
-                return cached["results"]
-            except (json.JSONDecodeError, KeyError):
-                print(f"[gradmap] corrupt dense-eval cache {cache_file}; recomputing", flush=True)
+        cached = read_json_entry(cache_file) if cfg.eval.get("cache_dense", True) else None
+        if cached is not None and "results" in cached:
+            self.record["dense_from_cache"] = str(cache_file)
+            return cached["results"]
         with self.recorder.stage("evaluate_dense", model):
             results = evaluate(model, tokenizer, cfg.eval, heldout, seed=cfg.seed)
         self.record["dense_from_cache"] = None
@@ -288,6 +283,5 @@ def summary_table(rec: dict[str, Any]) -> str:
 
 
 def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, str] | None = None) -> dict[str, Any]:
-    choices = choices or {g: str(cfg.get(g, {}).get("name", "?")) if isinstance(cfg.get(g), DictConfig) else "?"
-                          for g in GROUPS}
-    return Run(cfg, Path(out_dir), choices).execute()
+    """Run one job. `choices`: the option picked per config group (from Hydra), recorded and used in labels."""
+    return Run(cfg, Path(out_dir), choices or {}).execute()
