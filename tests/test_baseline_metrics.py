@@ -23,6 +23,7 @@ from baselines.taylor import BlockTaylor
 from gradmap import surgery
 from gradmap.metric import Calibration, Cost, count_forward_tokens
 from gradmap.models import tiny_random_llama
+from tests.model_state import assert_unchanged, snapshot
 
 METRIC_DIR = Path(__file__).resolve().parents[1] / "conf" / "metric"
 METRIC_YAMLS = sorted(METRIC_DIR.glob("**/*.yaml"))
@@ -34,30 +35,6 @@ def make_calib(batch_size: int = 2, seed: int = 0) -> Calibration:
 
 
 # ---------------------------------------------------------------------------------------------------- contract
-
-def snapshot(model: nn.Module) -> dict:
-    """Everything a metric must leave exactly as found."""
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "module_hooks": {name: tuple(dict(getattr(m, attr)) for attr in (
-            "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
-            "_backward_hooks", "_backward_pre_hooks")) for name, m in model.named_modules()},
-        "param_hooks": {name: tuple(dict(getattr(p, attr) or {}) for attr in (
-            "_backward_hooks", "_post_accumulate_grad_hooks")) for name, p in model.named_parameters()},
-        "grads": {name: p.grad for name, p in model.named_parameters()},
-        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
-        "training": {name: m.training for name, m in model.named_modules()},
-        "layers": [id(layer) for layer in surgery.get_decoder_layers(model)],
-        "num_hidden_layers": model.config.num_hidden_layers,
-    }
-
-
-def assert_unchanged(before: dict, after: dict) -> None:
-    surgery.assert_same_weights(before["state"], after["state"])
-    for key in before:
-        if key != "state":
-            assert before[key] == after[key], f"metric changed the model's {key}"
-
 
 def comparable(selection) -> dict:
     out = selection.as_dict()

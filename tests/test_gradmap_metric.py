@@ -14,6 +14,7 @@ from gradmap import surgery
 from gradmap.gradmap_metric import GradMAPMetric
 from gradmap.metric import Calibration, Cost, count_forward_tokens
 from gradmap.models import tiny_random_llama
+from tests.model_state import assert_unchanged, snapshot
 
 VOCAB = 256
 
@@ -216,34 +217,6 @@ def test_cost_is_decisions_times_calibration_tokens(iterative, num_prune, target
 
 
 # ---------------------------------------------------------------------------------------------- model left as found
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "module_hooks": {name: tuple(tuple(getattr(m, attr).keys()) for attr in (
-            "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
-            "_backward_hooks", "_backward_pre_hooks")) for name, m in model.named_modules()},
-        "param_hooks": {name: tuple(tuple((getattr(p, attr) or {}).keys()) for attr in (
-            "_backward_hooks", "_post_accumulate_grad_hooks")) for name, p in model.named_parameters()},
-        "grad_ids": {name: None if p.grad is None else id(p.grad) for name, p in model.named_parameters()},
-        "grad_values": {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()},
-        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
-        "training": {name: m.training for name, m in model.named_modules()},
-        "layers": [id(layer) for layer in surgery.get_decoder_layers(model)],
-        "num_hidden_layers": model.config.num_hidden_layers,
-    }
-
-
-def assert_unchanged(before: dict, after: dict) -> None:
-    surgery.assert_same_weights(before["state"], after["state"])
-    for name, g in before["grad_values"].items():
-        h = after["grad_values"][name]
-        assert (g is None) == (h is None), name
-        assert g is None or torch.equal(g, h), name
-    for key in before:
-        if key not in ("state", "grad_values"):
-            assert before[key] == after[key], f"metric changed the model's {key}"
-
 
 @pytest.mark.parametrize("target,reduction", [("weights", "rel_l2"), ("activations", "first_order")])
 @pytest.mark.parametrize("iterative", [True, False])
