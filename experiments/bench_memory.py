@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -47,12 +48,13 @@ def _measure(mode: str, model_name: str, device: str, tokens: tuple[int, int]) -
         elif mode.startswith("step"):
             model.zero_grad(set_to_none=True)
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            if mode == "step_drop_grads":
-                model.zero_grad(set_to_none=True)
         else:
             GradMAPMetric(target=mode.split("_")[1], reduction="l2" if "weights" in mode else "first_order",
                           iterative=False).score(model, calib, Cost())
 
+    if mode == "step_drop_grads":  # the reference: every gradient freed the moment it is complete
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
     once()  # warm-up: allocator pools, kernels
     model.zero_grad(set_to_none=True)
     cuda = device.startswith("cuda")
@@ -82,10 +84,13 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(_measure(args._mode, args.model, args.device, (args.batch, args.seq_len))))
         return
     rows = {}
+    # glibc keeps freed large blocks in its heap by default, so RSS would lag behind what is live; a fixed mmap
+    # threshold returns every large block to the OS on free, making peak RSS track live tensors.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for mode in MODES:
         out = subprocess.run([sys.executable, "-m", "experiments.bench_memory", "--model", args.model, "--device",
                               args.device, "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--_mode", mode],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True, env=env)
         rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     ref = rows["step_drop_grads"]
     print(f"model={args.model} device={args.device} tokens={args.batch}x{args.seq_len}")

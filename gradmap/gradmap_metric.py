@@ -156,10 +156,10 @@ class GradMAPMetric(LayerMetric):
             return self._score_activations(model, calib, cost)
 
     def _backward(self, model: nn.Module, batch: torch.Tensor, cost: Cost) -> None:
-        out = model(input_ids=batch, labels=batch, use_cache=False)
-        out.loss.backward()
+        # Keep only the loss: holding the output would keep the [B, T, vocab] logits alive through the backward.
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
         cost.backward_tokens += batch.numel()
-        del out
 
     def _score_weights(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
         layers = surgery.get_decoder_layers(model)

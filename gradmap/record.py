@@ -69,12 +69,35 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident high-water mark (Linux >= 4.0); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
 class _PeakRSS:
-    """Samples resident memory in a background thread: CPU has no allocator peak counter like CUDA's."""
+    """Peak resident memory over a block: CPU has no allocator peak counter like CUDA's. Uses the kernel's exact
+    high-water mark when it can be reset; otherwise samples RSS in a background thread (may miss short peaks).
+    A block nested in an exact one samples, since resetting the mark would corrupt the outer block's peak."""
+
+    _exact_active = 0
 
     def __init__(self, interval: float = 0.02):
         self.interval = interval
         self.peak = _rss_bytes()
+        self.exact = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -83,12 +106,19 @@ class _PeakRSS:
             self.peak = max(self.peak, _rss_bytes())
 
     def __enter__(self) -> _PeakRSS:
-        self._thread.start()
+        self.exact = _PeakRSS._exact_active == 0 and _reset_peak_rss()
+        _PeakRSS._exact_active += self.exact
+        if not self.exact:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        if self.exact:
+            self.peak = max(self.peak, _hwm_bytes())
+            _PeakRSS._exact_active -= 1
+        else:
+            self._stop.set()
+            self._thread.join()
         self.peak = max(self.peak, _rss_bytes())
 
 

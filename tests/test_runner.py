@@ -147,3 +147,21 @@ class RefusingCompensation:
         from gradmap.compensation import IncompatibleCompensationError
 
         raise IncompatibleCompensationError("this compensation refuses every model")
+
+
+def test_peak_rss_sees_a_short_lived_allocation():
+    """The stage peak must include memory that was freed before the stage ended (the kernel's high-water mark)."""
+    import torch
+
+    from gradmap.record import _PeakRSS, _rss_bytes
+
+    size = 64 * 2**20
+    base = _rss_bytes()
+    with _PeakRSS() as outer:
+        torch.ones(size // 4).add_(1)  # 64 MiB, touched, freed at once
+        with _PeakRSS() as inner:  # a nested block must not reset the outer one's mark
+            pass
+    if not outer.exact:
+        pytest.skip("this kernel does not let a process reset its resident high-water mark")
+    assert not inner.exact
+    assert outer.peak - base >= 0.9 * size
