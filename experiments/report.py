@@ -12,6 +12,8 @@ are averaged (`runs` counts them). Columns:
 - `retained_pct`: mean over tasks of 100 * pruned / dense accuracy;
 - `pruning_seconds`: `pruning_seconds_original` (scoring as originally computed, even when a later job reused a
   cached selection, + prune + compensate), so sweeps with selection caching still compare real costs;
+- `train_seconds`: the part of the pruning time spent training (compensations that train, e.g. LLM-Streamline's
+  layer); the column is left out when no run trained;
 - `pruning_tokens`: forward + backward tokens of that original scoring + forward tokens of the compensation stage
   (tokens through trained sub-modules, `train_tokens`, are left out);
 - `speedup`: time of the slowest method of the same (model, ratio), or of `--baseline`, divided by the row's time.
@@ -34,9 +36,10 @@ import pandas as pd
 
 KEY = ["model", "prune_ratio", "metric", "compensation"]
 DENSE = "dense"
-SUMMARY = ["task_avg", "retained_pct", "pruning_seconds", "pruning_tokens", "speedup"]
+SUMMARY = ["task_avg", "retained_pct", "pruning_seconds", "train_seconds", "pruning_tokens", "speedup"]
 HEADERS = {"prune_ratio": "ratio", "task_avg": "task avg", "retained_pct": "retained %",
-           "pruning_seconds": "pruning time (s)", "pruning_tokens": "tokens (fwd+bwd)"}
+           "pruning_seconds": "pruning time (s)", "train_seconds": "of which training (s)",
+           "pruning_tokens": "tokens (fwd+bwd)"}
 
 
 class NoRecordsError(RuntimeError):
@@ -195,7 +198,9 @@ def build_table(records: list[dict[str, Any]], baseline: str | None = None) -> t
         timings = rec.get("timings") or {}
         seconds = rec.get("pruning_seconds_original", timings.get("pruning_seconds"))
         rows.append({**dict(zip(KEY, row_key(rec))), "runs": 1, **_scores(rec, "pruned", ppl, acc),
-                     "pruning_seconds": _num(seconds), "pruning_tokens": _pruning_tokens(rec)})
+                     "pruning_seconds": _num(seconds),
+                     "train_seconds": _num((rec.get("compensation") or {}).get("train_seconds")),
+                     "pruning_tokens": _pruning_tokens(rec)})
     pruned = pd.DataFrame(rows)
     pruned = pruned.groupby(KEY, as_index=False).agg({c: ("sum" if c == "runs" else "mean")
                                                       for c in pruned.columns if c not in KEY})
@@ -235,7 +240,7 @@ def _cells(table: pd.DataFrame, na: str) -> list[list[str]]:
             return f"{int(round(v)):,}"
         if col.startswith("ppl@"):
             return f"{v:.2f}"
-        if col in ("retained_pct", "pruning_seconds"):
+        if col in ("retained_pct", "pruning_seconds", "train_seconds"):
             return f"{v:.1f}"
         if col == "speedup":
             return f"{v:.2f}x"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,20 @@ def test_table_values(sweep):
     assert row(table, "gradmap", "projection", 0.5)["speedup"] == 1.0  # alone in its ratio group
     assert any("failed" in n and "5_f" in n and "out of memory" in n for n in notes)
     assert any("duplicate" in n and "older" in n for n in notes)
+
+
+def test_training_time_column_only_when_a_run_trained(sweep, tmp_path):
+    table, _ = build_table(load_records([sweep])[0])
+    assert "train_seconds" not in table.columns  # nothing trained in this sweep
+    write_record(sweep, "6_g", "bi", "streamline_layer", 0.25, 45.0, 0.4, 0.3, 7.0)
+    rec_path = sweep / "6_g" / "record.json"
+    rec = json.loads(rec_path.read_text())
+    rec["compensation"] = {"train_seconds": 5.5, "sites": []}
+    rec_path.write_text(json.dumps(rec))
+    table, _ = build_table(load_records([sweep])[0])
+    assert row(table, "bi", "streamline_layer", 0.25)["train_seconds"] == 5.5
+    assert math.isnan(row(table, "bi", "projection", 0.25)["train_seconds"])  # did not train
+    assert list(table.columns).index("train_seconds") == list(table.columns).index("pruning_seconds") + 1
 
 
 def test_baseline_speedup(sweep):
