@@ -340,32 +340,46 @@ def _safe(name: str) -> str:
 
 
 def plot_ppl_vs_ratio(table: pd.DataFrame, out_dir: Path) -> Path | None:
-    """First perplexity column against the prune ratio, one line per method, one panel per model."""
+    """First perplexity column against the prune ratio: one panel per (model, compensation), one line per metric,
+    each metric the same colour in every panel, so a sweep of many methods stays readable."""
     ppl = [c for c in table.columns if c.startswith("ppl@")]
     if not ppl:
         return None
     plt, col = _pyplot(), ppl[0]
+    pruned = table[table["metric"] != DENSE]
     models = sorted(table["model"].unique())
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    comps = sorted(pruned["compensation"].unique(), key=lambda c: (c != "none", c))  # uncompensated first
+    metrics = sorted(pruned["metric"].unique())
+    cmap = plt.get_cmap("tab10" if len(metrics) <= 10 else "tab20")
+    color = {m: cmap(i % cmap.N) for i, m in enumerate(metrics)}
+    fig, axes = plt.subplots(len(models), max(len(comps), 1), figsize=(4.2 * max(len(comps), 1), 3.6 * len(models)),
+                             squeeze=False, sharey="row")
+    for row, model in zip(axes, models):
         mine = table[table["model"] == model]
-        for (metric, comp), g in mine[mine["metric"] != DENSE].groupby(["metric", "compensation"]):
-            g = g.sort_values("prune_ratio")
-            ax.plot(g["prune_ratio"], g[col], marker="o", label=_method(metric, comp))
-        dense = mine.loc[mine["metric"] == DENSE, col]
-        if len(dense) and not math.isnan(dense.iloc[0]):
-            ax.axhline(dense.iloc[0], ls="--", color="black", label="dense")
         values = mine[col].dropna()
         log = len(values) > 0 and values.min() > 0 and values.max() / values.min() > 10
-        if log:  # pruned perplexities can span orders of magnitude
-            ax.set_yscale("log")
-        ax.set_xlabel("prune ratio (fraction of layers removed)")
-        ax.set_ylabel(f"perplexity ({col}{', log scale' if log else ''})")
-        ax.set_title(f"{model}: perplexity vs prune ratio")
-        ax.legend(fontsize=7)
+        dense = mine.loc[mine["metric"] == DENSE, col]
+        for ax, comp in zip(row, comps):
+            for metric, g in mine[(mine["metric"] != DENSE) & (mine["compensation"] == comp)].groupby("metric"):
+                g = g.sort_values("prune_ratio")
+                ax.plot(g["prune_ratio"], g[col], marker="o", color=color[metric], label=metric)
+            if len(dense) and not math.isnan(dense.iloc[0]):
+                ax.axhline(dense.iloc[0], ls="--", color="black", label="dense")
+            if log:  # pruned perplexities can span orders of magnitude
+                ax.set_yscale("log")
+            ax.set_title(f"{model} | compensation={comp}", fontsize=9)
+            ax.set_xlabel("prune ratio")
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel(f"perplexity ({col}{', log scale' if log else ''})")
+    handles = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               title="metric")
     fig.tight_layout()
     path = out_dir / "ppl_vs_ratio.png"
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return path
 
