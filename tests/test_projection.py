@@ -226,6 +226,56 @@ def test_projection_lowers_the_final_layer_error(arch, drop):
     assert site["original_layer"] == kept[site["kept_position"]]
 
 
+@pytest.mark.parametrize("guard", ["final_error", "none"])
+def test_guard_undoes_a_fold_that_raises_the_final_error(monkeypatch, guard):
+    """A harmful fit (here forced: A = 8 I at every site) is undone bit-exactly under the guard and kept without it."""
+    model = build("llama")
+    calib = make_calib()
+    removed = surgery.remove_layers(model, [1, 4])
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr("gradmap.projection.fit_projection",
+                        lambda yty, ytt, alpha: 8.0 * torch.eye(yty.shape[0], dtype=torch.float64))
+    report = ProjectionCompensation(sites="before_gap", guard=guard).apply(model, removed, calib, Cost())
+    assert [s["kept_position"] for s in report["sites"]] == [0, 2]
+    if guard == "final_error":
+        assert [s["kept"] for s in report["sites"]] == [False, False]
+        assert all(s["final_rel_error_with_fold"] > report["final_rel_error_before"] for s in report["sites"])
+        assert report["sites_undone"] == [0, 3]
+        surgery.assert_same_weights(state_before, model.state_dict())
+        assert report["final_rel_error_after"] == pytest.approx(report["final_rel_error_before"], rel=1e-9)
+    else:
+        assert report["sites_undone"] == []
+        assert report["final_rel_error_after"] > report["final_rel_error_before"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("alpha", [0.0, 3.0])
+def test_guarded_projection_never_raises_the_final_error(seed, alpha):
+    model = build("llama")
+    calib = make_calib(seed)
+    removed = surgery.remove_layers(model, [[1, 2, 4], [0, 3], [2, 5]][seed])
+    report = ProjectionCompensation(sites="before_gap", alpha=alpha).apply(model, removed, calib, Cost())
+    assert report["final_rel_error_after"] <= report["final_rel_error_before"] * (1 + 1e-9)
+    kept_errors = [s["final_rel_error_with_fold"] for s in report["sites"] if s["kept"]]
+    assert kept_errors == sorted(kept_errors, reverse=True)  # each kept fold lowered it further
+
+
+def test_guard_costs_no_forward_pass_when_every_fold_is_kept():
+    from gradmap.metric import count_forward_tokens
+
+    results = {}
+    for guard in ("none", "final_error"):
+        model = build("llama")
+        removed = surgery.remove_layers(model, [1, 4])
+        cost = Cost()
+        with count_forward_tokens(model, cost):
+            report = ProjectionCompensation(sites="before_gap", guard=guard).apply(model, removed, make_calib(), cost)
+        results[guard] = (cost.forward_tokens, model.state_dict(), report)
+    assert all(s["kept"] for s in results["final_error"][2]["sites"])
+    assert results["final_error"][0] == results["none"][0]
+    surgery.assert_same_weights(results["none"][1], results["final_error"][1])
+
+
 def test_largest_site_is_the_argmax_of_the_reported_shifts():
     for measure in ("mean", "rms"):
         model = build("llama")
