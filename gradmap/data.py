@@ -3,13 +3,16 @@
 Calibration follows the SparseGPT/ShortGPT recipe: `num_samples` windows of exactly `seq_len` tokens, each from a
 randomly chosen document at a random offset, drawn with `random.Random(seed)` so a seed fixes the set. Held-out
 text is the standard perplexity recipe: documents joined with "\\n\\n", tokenized once as one stream.
-Offline calibration and held-out text come from disjoint Wikipedia articles (see `gradmap.assets.build_wiki`).
+Offline calibration and held-out text come from disjoint Wikipedia articles (see `gradmap.assets.build_wiki`):
+calibration reads only the `calib` split; evaluation reads `validation` (where choices are made) or `test` (what
+tables report), and a run with `tuning=true` is refused the `test` split, so no choice can see it.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,11 @@ from gradmap.metric import Calibration
 
 SOURCES = ("offline_wiki", "hub")
 HUB_DATASETS = ("wikitext2", "c4")
-HELDOUT_HUB_DATASETS = ("wikitext2",)
+# Held-out corpora and the splits each may be evaluated on. wiki / news: offline assets of that name (files
+# <split>.jsonl); wikitext2: the hub dataset; jsonl: any file given as `path` (tests, your own text).
+HELDOUT_CORPORA = {"wiki": ("validation", "test"), "news": ("test",), "wikitext2": ("validation", "test"),
+                   "jsonl": ("validation", "test")}
+TEST_SPLIT = "test"
 # Draws of a document shorter than a window before giving up (only reachable when almost every text is short).
 _MAX_SHORT_DRAWS = 10_000
 
@@ -58,13 +65,13 @@ def read_jsonl_texts(path: str | Path) -> list[str]:
     return texts
 
 
-def _offline_texts(cfg: Any, split: str) -> list[str]:
-    """`cfg.path` if given, else the `calib`/`heldout` split of the cached Wikipedia asset."""
+def _offline_texts(cfg: Any, split: str, corpus: str = "wiki") -> list[str]:
+    """`cfg.path` if given, else split `split` of the cached offline asset `corpus` (wiki: calib/validation/test)."""
     path = _get(cfg, "path")
     if path is None:
         from gradmap.assets import ensure
 
-        path = ensure("wiki") / f"{split}.jsonl"
+        path = ensure(corpus) / f"{split}.jsonl"
     return read_jsonl_texts(path)
 
 
@@ -73,7 +80,7 @@ def _hub_texts(dataset: str, split: str) -> list[str]:
     from datasets import load_dataset
 
     if dataset == "wikitext2":
-        ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)  # train | validation | test
     elif dataset == "c4":
         if split != "train":
             raise ValueError(f"c4 is only used for calibration (split 'train'), got split={split!r}")
@@ -134,26 +141,40 @@ def load_calibration(cfg: Any, tokenizer: Any) -> Calibration:
     return Calibration(input_ids=input_ids, batch_size=int(_get(cfg, "batch_size", 8)))
 
 
-def load_heldout_tokens(cfg: Any, tokenizer: Any) -> torch.Tensor:
-    """1-D held-out token stream: documents joined with "\\n\\n", tokenized, cut to `max_tokens` (null = all).
+def check_heldout_spec(name: str, spec: Any, tuning: bool) -> tuple[str, str]:
+    """(corpus, split) of one `eval.heldout.texts` entry, refusing unknown ones and `test` in tuning runs."""
+    corpus, split = _get(spec, "corpus"), _get(spec, "split")
+    if corpus not in HELDOUT_CORPORA:
+        raise ValueError(f"eval.heldout.texts.{name}.corpus={corpus!r} is not supported; "
+                         f"allowed: {list(HELDOUT_CORPORA)}")
+    if split not in HELDOUT_CORPORA[corpus]:
+        raise ValueError(f"eval.heldout.texts.{name}.split={split!r} is not available for corpus {corpus!r}; "
+                         f"allowed: {list(HELDOUT_CORPORA[corpus])}")
+    if corpus == "jsonl" and _get(spec, "path") is None:
+        raise ValueError(f"eval.heldout.texts.{name}.path is required for corpus 'jsonl'")
+    if tuning and split == TEST_SPLIT:
+        raise ValueError(f"eval.heldout.texts.{name}.split='test' is refused in a tuning run (tuning=true): choices "
+                         "are made on 'validation' only; allowed: 'validation'")
+    return corpus, split
 
-    offline_wiki: held-out articles in file order (only as many as needed are tokenized); hub wikitext2: the test
-    split joined with "\\n\\n" and tokenized in one call, the standard WikiText-2 perplexity recipe.
+
+def load_heldout_tokens(spec: Any, tokenizer: Any, max_tokens: int | None, name: str = "text",
+                        tuning: bool = False) -> torch.Tensor:
+    """1-D held-out token stream of one text: documents joined with "\\n\\n", tokenized, cut to `max_tokens`.
+
+    Offline corpora: documents in file order (only as many as needed are tokenized); hub wikitext2: the whole split
+    joined with "\\n\\n" and tokenized in one call, the standard WikiText-2 perplexity recipe.
     """
-    source = _check_source(cfg)
-    max_tokens = _get(cfg, "max_tokens")
+    corpus, split = check_heldout_spec(name, spec, tuning)
+    if max_tokens is not None and int(max_tokens) < 1:
+        raise ValueError(f"eval.heldout.max_tokens={max_tokens} must be >= 1 or null (all)")
     max_tokens = None if max_tokens is None else int(max_tokens)
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1 or null, got {max_tokens}")
-    if source == "hub":
-        dataset = _get(cfg, "dataset", "wikitext2")
-        if dataset not in HELDOUT_HUB_DATASETS:
-            raise ValueError(f"eval.heldout.dataset={dataset!r} is not supported; allowed: {list(HELDOUT_HUB_DATASETS)}")
-        ids = _tokenize(tokenizer, "\n\n".join(_hub_texts(dataset, "test")))
+    if corpus == "wikitext2":
+        ids = _tokenize(tokenizer, "\n\n".join(_hub_texts(corpus, split)))
     else:
-        texts = _offline_texts(cfg, "heldout")
-        # Only the leading articles that can fill max_tokens are tokenized: count per article (cheap upper bound on
-        # what is needed), then tokenize their joined text once so the result is exactly "join, tokenize, cut".
+        texts = _offline_texts(spec, split, corpus)
+        # Only the leading documents that can fill max_tokens are tokenized: count per document (cheap upper bound
+        # on what is needed), then tokenize their joined text once so the result is exactly "join, tokenize, cut".
         used, count = len(texts), 0
         if max_tokens is not None:
             for i, text in enumerate(texts):
@@ -166,7 +187,28 @@ def load_heldout_tokens(cfg: Any, tokenizer: Any) -> torch.Tensor:
             used += 1  # joined tokenization merged across a boundary and came out a few tokens short
             ids = _tokenize(tokenizer, "\n\n".join(texts[:used]))
     if not ids:
-        raise ValueError("held-out text is empty")
+        raise ValueError(f"held-out text {name!r} ({corpus}/{split}) is empty")
     if max_tokens is not None:
         ids = ids[:max_tokens]
     return torch.tensor(ids, dtype=torch.long)
+
+
+@dataclass
+class HeldoutText:
+    """One held-out text: its token stream and where it comes from (every perplexity is recorded with both)."""
+
+    name: str
+    corpus: str
+    split: str
+    token_ids: torch.Tensor
+
+
+def load_heldout(cfg: Any, tokenizer: Any, tuning: bool = False) -> list[HeldoutText]:
+    """Every text of an `eval.heldout` node ({max_tokens, texts: {name: {corpus, split[, path]}}}), in order."""
+    texts = _get(cfg, "texts") or {}
+    specs = [(str(name), spec) for name, spec in texts.items()]
+    for name, spec in specs:  # check every entry before tokenizing any
+        check_heldout_spec(name, spec, tuning)
+    return [HeldoutText(name, _get(spec, "corpus"), _get(spec, "split"),
+                        load_heldout_tokens(spec, tokenizer, _get(cfg, "max_tokens"), name, tuning))
+            for name, spec in specs]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -258,23 +258,25 @@ def _local_task_files(local_cfg: Mapping[str, Any], tasks: list[str], out_dir: P
     return files
 
 
-def evaluate(model: nn.Module, tokenizer: Any, eval_cfg: Any, heldout_tokens: torch.Tensor | None,
+def evaluate(model: nn.Module, tokenizer: Any, eval_cfg: Any, heldout: Sequence[Any] = (),
              seed: int = 0) -> dict[str, Any]:
     """Run the evaluation described by a `conf/eval/*.yaml` node.
 
-    Returns {"perplexity": {"<seq_len>": perplexity(...), ...}, "lm_eval": run_lm_eval(...) or {}}. Perplexity
-    uses `heldout_tokens`; an empty or missing `lm_eval.tasks` skips lm-eval.
+    `heldout`: `gradmap.data.HeldoutText`s (name, corpus, split, token_ids), e.g. from `gradmap.data.load_heldout`.
+    Returns {"perplexity": {name: {"corpus", "split", "seq_lens": {"<seq_len>": perplexity(...)}}},
+    "lm_eval": run_lm_eval(...) or {}}; an empty or missing `lm_eval.tasks` skips lm-eval.
     """
     results: dict[str, Any] = {"perplexity": {}, "lm_eval": {}}
     ppl_cfg = eval_cfg.get("perplexity") or {}
     seq_lens = list(ppl_cfg.get("seq_lens") or [])
-    if seq_lens:
-        if heldout_tokens is None:
-            raise ValueError(f"eval.perplexity.seq_lens={seq_lens} but no held-out tokens were given")
-        for seq_len in seq_lens:
-            results["perplexity"][str(int(seq_len))] = perplexity(
-                model, heldout_tokens, int(seq_len), batch_size=int(ppl_cfg.get("batch_size", 8)),
-                max_windows=ppl_cfg.get("max_windows"))
+    if seq_lens and not heldout:
+        raise ValueError(f"eval.perplexity.seq_lens={seq_lens} but no held-out text was given (eval.heldout.texts)")
+    for text in heldout if seq_lens else ():
+        results["perplexity"][text.name] = {"corpus": text.corpus, "split": text.split, "seq_lens": {
+            str(int(seq_len)): perplexity(model, text.token_ids, int(seq_len),
+                                          batch_size=int(ppl_cfg.get("batch_size", 8)),
+                                          max_windows=ppl_cfg.get("max_windows"))
+            for seq_len in seq_lens}}
 
     lm_cfg = eval_cfg.get("lm_eval") or {}
     tasks = [str(t) for t in (lm_cfg.get("tasks") or [])]
@@ -288,10 +290,12 @@ def evaluate(model: nn.Module, tokenizer: Any, eval_cfg: Any, heldout_tokens: to
 
 
 def headline(results: Mapping[str, Any]) -> dict[str, float]:
-    """A few flat numbers: "ppl@<seq_len>" per window length and "<task>/acc", "<task>/acc_norm" per task."""
+    """A few flat numbers: "ppl@<seq_len>/<text>" per held-out text (e.g. `ppl@128/wiki_test`) and window length,
+    and "<task>/acc", "<task>/acc_norm" per task."""
     flat: dict[str, float] = {}
-    for seq_len, ppl in (results.get("perplexity") or {}).items():
-        flat[f"ppl@{seq_len}"] = float(ppl["ppl"])
+    for name, text in (results.get("perplexity") or {}).items():
+        for seq_len, ppl in text["seq_lens"].items():
+            flat[f"ppl@{seq_len}/{name}"] = float(ppl["ppl"])
     for task, metrics in (results.get("lm_eval") or {}).items():
         if task in LM_EVAL_META_KEYS:
             continue

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 from gradmap import assets
 from gradmap.assets import AssetError
-from gradmap.data import load_calibration, load_heldout_tokens
+import gradmap.data
+from gradmap.data import check_heldout_spec, load_calibration, load_heldout, load_heldout_tokens
 from gradmap.models import ByteTokenizer
 
 # ------------------------------------------------------------------------------------------- wiki cleaning
@@ -80,7 +81,7 @@ def _dump(pages: list[dict]) -> bytes:
 
 def test_build_wiki_filters_and_splits(tmp_path):
     long_text = "Plain sentence number one. " * 40
-    titles = [f"Article {i}" for i in range(40)]
+    titles = [f"Article {i}" for i in range(120)]
     pages = [{"title": t, "text": long_text} for t in titles]
     pages += [{"title": "Short", "text": "too short"},
               {"title": "Talk:Thing", "ns": 1, "text": long_text},
@@ -89,14 +90,17 @@ def test_build_wiki_filters_and_splits(tmp_path):
     src = tmp_path / "dump.xml.bz2"
     src.write_bytes(bz2.compress(_dump(pages)))
     stats = assets.build_wiki(src, tmp_path / "out")
-    calib = [json.loads(line) for line in (tmp_path / "out" / "calib.jsonl").read_text().splitlines()]
-    held = [json.loads(line) for line in (tmp_path / "out" / "heldout.jsonl").read_text().splitlines()]
-    got = {r["title"] for r in calib} | {r["title"] for r in held}
-    assert got == set(titles)  # short, non-article namespace and redirects dropped
-    assert not {r["title"] for r in calib} & {r["title"] for r in held}
-    assert {r["title"] for r in held} == {t for t in titles if assets.is_heldout(t)}
-    assert stats["calib_articles"] == len(calib) and stats["heldout_articles"] == len(held)
-    assert stats["calib_chars"] == sum(len(r["text"]) for r in calib)
+    split_titles = {split: [json.loads(line)["title"]
+                            for line in (tmp_path / "out" / f"{split}.jsonl").read_text().splitlines()]
+                    for split in assets.WIKI_SPLITS}
+    assert all(split_titles.values()), {k: len(v) for k, v in split_titles.items()}  # every split has articles
+    assert sorted(t for ts in split_titles.values() for t in ts) == sorted(titles)  # each article exactly once
+    for split, got in split_titles.items():
+        assert set(got) == {t for t in titles if assets.wiki_split(t) == split}
+        assert stats["splits"][split]["articles"] == len(got)
+        assert stats["splits"][split]["chars"] == len(got) * len(long_text.strip())
+        assert stats["splits"][split]["titles_sha256"] == assets.titles_digest(got)
+    assert stats["pages_too_short"] == 1
     assert json.loads((tmp_path / "out" / "stats.json").read_text()) == stats
 
 
@@ -105,6 +109,18 @@ def test_split_deterministic_and_about_ten_percent():
     first = [assets.is_heldout(t) for t in titles]
     assert first == [assets.is_heldout(t) for t in titles]
     assert 0.08 < sum(first) / len(titles) < 0.12
+    splits = [assets.wiki_split(t) for t in titles]
+    assert [s != "calib" for s in splits] == first  # validation + test = the held-out articles
+    assert 0.3 < splits.count("validation") / sum(first) < 0.7
+
+
+def test_build_news(tmp_path):
+    src = tmp_path / "lee.cor"
+    src.write_text("First story here.\n\nSecond story.  \n")
+    stats = assets.build_news(src, tmp_path / "out")
+    rows = [json.loads(line) for line in (tmp_path / "out" / "test.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["First story here.", "Second story."]
+    assert stats["splits"]["test"]["articles"] == 2 and list(stats["splits"]) == ["test"]
 
 
 # ------------------------------------------------------------------------------------------------ social_iqa
@@ -269,15 +285,70 @@ def test_load_heldout_tokens(tmp_path):
     texts = ["first article", "second one", "third"]
     path = _jsonl(tmp_path, texts)
     tok = ByteTokenizer()
-    full = load_heldout_tokens(OmegaConf.create({"source": "offline_wiki", "path": str(path), "max_tokens": None}),
-                               tok)
+    spec = OmegaConf.create({"corpus": "jsonl", "split": "test", "path": str(path)})
+    full = load_heldout_tokens(spec, tok, None)
     assert full.dim() == 1 and full.dtype == torch.long
     assert full.tolist() == tok.encode("\n\n".join(texts))
-    cut = load_heldout_tokens(OmegaConf.create({"source": "offline_wiki", "path": str(path), "max_tokens": 15}), tok)
-    assert cut.tolist() == full.tolist()[:15]
+    assert load_heldout_tokens(spec, tok, 15).tolist() == full.tolist()[:15]
     repo_tiny = Path(__file__).parent / "data" / "tiny_text.jsonl"
-    tiny = load_heldout_tokens({"source": "offline_wiki", "path": str(repo_tiny), "max_tokens": 512}, tok)
+    tiny = load_heldout_tokens({"corpus": "jsonl", "split": "test", "path": str(repo_tiny)}, tok, 512)
     assert tiny.shape == (512,)
+
+
+def test_load_heldout_names_corpus_and_split_of_every_text(tmp_path):
+    path = _jsonl(tmp_path, ["some text to evaluate on"])
+    cfg = OmegaConf.create({"max_tokens": 8, "texts": {
+        "a": {"corpus": "jsonl", "split": "validation", "path": str(path)},
+        "b": {"corpus": "jsonl", "split": "test", "path": str(path)}}})
+    texts = load_heldout(cfg, ByteTokenizer())
+    assert [(t.name, t.corpus, t.split, t.token_ids.numel()) for t in texts] == [
+        ("a", "jsonl", "validation", 8), ("b", "jsonl", "test", 8)]
+
+
+@pytest.mark.parametrize("spec,match", [
+    ({"corpus": "books", "split": "test"}, "corpus='books'.*allowed"),
+    ({"corpus": "news", "split": "validation"}, "split='validation'.*allowed: \\['test'\\]"),
+    ({"corpus": "wiki", "split": "calib"}, "split='calib'.*allowed: \\['validation', 'test'\\]"),
+    ({"corpus": "jsonl", "split": "test"}, "path is required"),
+])
+def test_heldout_spec_errors(spec, match):
+    with pytest.raises(ValueError, match=match):
+        check_heldout_spec("x", spec, tuning=False)
+
+
+def test_tuning_runs_cannot_read_test(tmp_path, monkeypatch):
+    # A tuning run is refused every test text before anything is read: the asset lookup must never happen.
+    import gradmap.assets
+
+    def no_read(name):
+        raise AssertionError(f"a tuning run tried to read asset {name!r}")
+
+    monkeypatch.setattr(gradmap.assets, "ensure", no_read)
+    for corpus in ("wiki", "news", "wikitext2"):
+        cfg = OmegaConf.create({"max_tokens": 8, "texts": {"t": {"corpus": corpus, "split": "test"}}})
+        with pytest.raises(ValueError, match="split='test' is refused in a tuning run"):
+            load_heldout(cfg, ByteTokenizer(), tuning=True)
+    # ... and even the jsonl escape hatch is refused when it calls itself test.
+    path = _jsonl(tmp_path, ["text"])
+    with pytest.raises(ValueError, match="refused in a tuning run"):
+        load_heldout_tokens({"corpus": "jsonl", "split": "test", "path": str(path)}, ByteTokenizer(), 4, tuning=True)
+
+
+def test_calibration_reads_only_the_calib_split(monkeypatch, tmp_path):
+    import gradmap.assets
+
+    read = []
+    folder = tmp_path / "wiki"
+    folder.mkdir()
+    for split in assets.WIKI_SPLITS:
+        (folder / f"{split}.jsonl").write_text(json.dumps({"title": split, "text": "word " * 400}) + "\n")
+    monkeypatch.setattr(gradmap.assets, "ensure", lambda name: read.append(name) or folder)
+    real_read = gradmap.data.read_jsonl_texts
+    opened = []
+    monkeypatch.setattr(gradmap.data, "read_jsonl_texts", lambda p: opened.append(Path(p).name) or real_read(p))
+    load_calibration(OmegaConf.create({"source": "offline_wiki", "num_samples": 2, "seq_len": 8, "seed": 0}),
+                     ByteTokenizer())
+    assert read == ["wiki"] and opened == ["calib.jsonl"]
 
 
 # ------------------------------------------------------------------------------------------ integration
@@ -301,10 +372,20 @@ def test_smollm2_asset_loads_fast():
 
 
 @pytest.mark.integration
-def test_wiki_and_social_iqa_assets():
+def test_wiki_news_and_social_iqa_assets():
     wiki = assets.ensure("wiki")
-    calib = {json.loads(line)["title"] for line in (wiki / "calib.jsonl").open()}
-    held = {json.loads(line)["title"] for line in (wiki / "heldout.jsonl").open()}
-    assert calib and held and not calib & held
+    titles = {split: {json.loads(line)["title"] for line in (wiki / f"{split}.jsonl").open()}
+              for split in assets.WIKI_SPLITS}
+    assert all(titles.values())
+    # validation, test and calibration articles are pairwise disjoint
+    assert not titles["calib"] & titles["validation"]
+    assert not titles["calib"] & titles["test"]
+    assert not titles["validation"] & titles["test"]
+    stats = json.loads((wiki / "stats.json").read_text())
+    for split, got in titles.items():
+        assert stats["splits"][split]["articles"] == len(got)
+        assert stats["splits"][split]["titles_sha256"] == assets.titles_digest(sorted(got))
+    news = assets.ensure("news")
+    assert sum(1 for _ in (news / "test.jsonl").open()) == 300
     siqa = assets.ensure("social_iqa")
     assert json.loads((siqa / "meta.json").read_text())["count"] == 1954

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from gradmap.data import HeldoutText
 from gradmap.evaluation import evaluate, headline, materialize_local_task, perplexity, retained, run_lm_eval
 from gradmap.models import ByteTokenizer, tiny_random_llama
 
@@ -91,12 +92,15 @@ def test_lm_eval_refuses_a_non_hf_tokenizer(model):
 
 
 def test_headline_and_retained():
-    dense = {"perplexity": {"128": {"ppl": 10.0}}, "lm_eval": {"t": {"acc": 0.8, "acc_norm": 0.0, "acc_stderr": 0.1},
-                                                              "versions": {"t": 1.0}}}
-    pruned = {"perplexity": {"128": {"ppl": 20.0}}, "lm_eval": {"t": {"acc": 0.4, "acc_norm": 0.5}}}
-    assert headline(dense) == {"ppl@128": 10.0, "t/acc": 0.8, "t/acc_norm": 0.0}
+    def ppl(value):
+        return {"wiki_test": {"corpus": "wiki", "split": "test", "seq_lens": {"128": {"ppl": value}}}}
+
+    dense = {"perplexity": ppl(10.0), "lm_eval": {"t": {"acc": 0.8, "acc_norm": 0.0, "acc_stderr": 0.1},
+                                                  "versions": {"t": 1.0}}}
+    pruned = {"perplexity": ppl(20.0), "lm_eval": {"t": {"acc": 0.4, "acc_norm": 0.5}}}
+    assert headline(dense) == {"ppl@128/wiki_test": 10.0, "t/acc": 0.8, "t/acc_norm": 0.0}
     kept = retained(dense, pruned)
-    assert kept["ppl@128"] == pytest.approx(50.0) and kept["t/acc"] == pytest.approx(50.0)
+    assert kept["ppl@128/wiki_test"] == pytest.approx(50.0) and kept["t/acc"] == pytest.approx(50.0)
     assert math.isnan(kept["t/acc_norm"])  # dense accuracy 0: undefined
 
 
@@ -131,17 +135,19 @@ def test_evaluate_runs_lm_eval_offline_on_a_local_task(tmp_path, monkeypatch):
         "lm_eval": {"tasks": ["social_iqa_bigbench"], "limit": None, "batch_size": 4, "num_fewshot": 0,
                     "local_tasks": {"social_iqa_bigbench": {"template": "social_iqa_bigbench.yaml",
                                                             "data": str(data)}}}})
-    heldout = torch.tensor(tokenizer("\n".join(r["question"] for r in rows))["input_ids"])
-    out = evaluate(net, tokenizer, cfg, heldout)
+    heldout = HeldoutText("qa_test", "jsonl", "test",
+                          torch.tensor(tokenizer("\n".join(r["question"] for r in rows))["input_ids"]))
+    out = evaluate(net, tokenizer, cfg, [heldout])
 
-    assert out["perplexity"]["8"]["windows"] == 2
+    assert out["perplexity"]["qa_test"]["seq_lens"]["8"]["windows"] == 2
+    assert (out["perplexity"]["qa_test"]["corpus"], out["perplexity"]["qa_test"]["split"]) == ("jsonl", "test")
     task = out["lm_eval"]["social_iqa_bigbench"]
     assert 0.0 <= task["acc"] <= 1.0 and 0.0 <= task["acc_norm"] <= 1.0 and "acc_stderr" in task
     assert out["lm_eval"]["versions"]["social_iqa_bigbench"] == 1.0
     assert out["lm_eval"]["n-samples"]["social_iqa_bigbench"]["effective"] == 6
     assert out["lm_eval"]["config"]["batch_size"] == 4
     json.dumps(out)  # recordable as is
-    assert set(headline(out)) == {"ppl@8", "social_iqa_bigbench/acc", "social_iqa_bigbench/acc_norm"}
+    assert set(headline(out)) == {"ppl@8/qa_test", "social_iqa_bigbench/acc", "social_iqa_bigbench/acc_norm"}
     assert not net.training
     after = net.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -150,5 +156,7 @@ def test_evaluate_runs_lm_eval_offline_on_a_local_task(tmp_path, monkeypatch):
 def test_evaluate_skips_lm_eval_without_tasks(model):
     cfg = OmegaConf.create({"perplexity": {"seq_lens": [SEQ], "batch_size": 4, "max_windows": None},
                             "lm_eval": {"tasks": [], "local_tasks": {}}})
-    out = evaluate(model, ByteTokenizer(VOCAB), cfg, _tokens(2 * SEQ))
-    assert out["lm_eval"] == {} and out["perplexity"][str(SEQ)]["windows"] == 2
+    out = evaluate(model, ByteTokenizer(VOCAB), cfg, [HeldoutText("t", "jsonl", "validation", _tokens(2 * SEQ))])
+    assert out["lm_eval"] == {} and out["perplexity"]["t"]["seq_lens"][str(SEQ)]["windows"] == 2
+    with pytest.raises(ValueError, match="no held-out text"):
+        evaluate(model, ByteTokenizer(VOCAB), cfg, [])
