@@ -16,11 +16,18 @@ The paper does not publish the exact reduction, so it is configurable (`target` 
       l2              mean_t ||g_t||
       first_order     mean_t |g_t . d_t|                       (first-order loss change if the update is removed)
 
-Higher = more important; the lowest is pruned. Gradients are reduced to per-layer numbers as they are produced
-(post-accumulate-grad hooks that drop `.grad` at once, or tensor hooks on activations), in fp32 or fp64, so peak
-memory stays that of a training step without stored gradients. With micro-batches, each micro-batch's gradient
-is reduced on its own and the results are averaged weighted by tokens (reducing the full-batch gradient would
-require holding a full gradient set); with one micro-batch the two coincide.
+Higher = more important; the lowest is pruned. The gradient is that of the loss over the whole calibration set,
+so the micro-batch size (`calibration.batch_size`) is a memory knob only and never changes the scores:
+  * activations: each token's gradient only depends on its own sequence, so micro-batch gradients are rescaled to
+    the full-set loss (times the micro-batch's share of predicted tokens) and reduced as they are produced (tensor
+    hooks), with no buffer at all;
+  * weights, `grad_accumulation=full` (default): micro-batch gradients are summed, weighted by their share of
+    predicted tokens, into one float32 buffer per parameter (post-accumulate-grad hooks drop `.grad` at once), and
+    reduced after the last micro-batch, as gradient accumulation does. With one micro-batch no buffer is needed
+    and the gradient is reduced as it is produced. `per_batch` reduces each micro-batch's gradient on its own and
+    averages the results weighted by tokens (no buffer, but it measures gradient noise as much as the gradient).
+Reductions are in `accum_dtype` (fp64 by default). Peak memory: a training step without stored gradients, plus
+one float32 gradient copy when weights are accumulated over several micro-batches.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from gradmap.metric import Calibration, Cost, LayerMetric
 from gradmap.models import model_device
 
 REDUCTIONS = {"weights": ("mean_abs", "l2", "rel_l2"), "activations": ("mean_abs", "l2", "first_order")}
+GRAD_ACCUMULATIONS = ("full", "per_batch")
 ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -91,6 +99,12 @@ def only_layer_weights_trainable(model: nn.Module) -> dict[nn.Parameter, int]:
     return owner
 
 
+def predicted_share(batch: torch.Tensor, calib: Calibration) -> float:
+    """The micro-batch's share of the calibration set's predicted tokens (HF shifts labels: T - 1 per row)."""
+    total = calib.input_ids.shape[0] * (calib.input_ids.shape[1] - 1)
+    return batch.shape[0] * (batch.shape[1] - 1) / total
+
+
 def reduce_weight_grad(grad: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> tuple[float, float, float]:
     """Per-tensor partial sums (sum|g|, sum g^2, sum W^2) that compose into any weight reduction."""
     g = grad.detach().to(dtype)
@@ -129,13 +143,14 @@ class GradMAPMetric(LayerMetric):
         reduction: see REDUCTIONS; default chosen by the ablation in the README.
         iterative: rescore after each removal (the paper's one backward per pruning decision).
         accum_dtype: precision of the per-layer sums.
+        grad_accumulation: weights only: `full` (the gradient of the whole calibration set) or `per_batch`.
         gradient_checkpointing: trade compute for memory on large models.
     """
 
     name = "gradmap"
 
     def __init__(self, target: str = "weights", reduction: str = "mean_abs", iterative: bool = True,
-                 accum_dtype: str = "float64", gradient_checkpointing: bool = False,
+                 accum_dtype: str = "float64", grad_accumulation: str = "full", gradient_checkpointing: bool = False,
                  protect_first: int = 0, protect_last: int = 0):
         super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
         if target not in REDUCTIONS:
@@ -145,8 +160,11 @@ class GradMAPMetric(LayerMetric):
                              f"allowed: {list(REDUCTIONS[target])}")
         if accum_dtype not in ACCUM_DTYPES:
             raise ValueError(f"accum_dtype={accum_dtype!r} is not valid; allowed: {list(ACCUM_DTYPES)}")
+        if grad_accumulation not in GRAD_ACCUMULATIONS:
+            raise ValueError(f"grad_accumulation={grad_accumulation!r} is not valid; allowed: {list(GRAD_ACCUMULATIONS)}")
         self.target, self.reduction = target, reduction
         self.dtype = ACCUM_DTYPES[accum_dtype]
+        self.grad_accumulation = grad_accumulation
         self.gradient_checkpointing = gradient_checkpointing
 
     def score(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
@@ -166,25 +184,44 @@ class GradMAPMetric(LayerMetric):
         n = len(layers)
         owner = only_layer_weights_trainable(model)
         numel = [sum(p.numel() for p in layer.parameters() if p.is_floating_point()) for layer in layers]
-        partial = torch.zeros(n, 3, dtype=torch.float64)  # this micro-batch: sum|g|, sum g^2, sum W^2
+        partial = torch.zeros(n, 3, dtype=torch.float64)  # sum|g|, sum g^2, sum W^2 of the gradient being reduced
         totals = torch.zeros(n, dtype=torch.float64)
+        accumulate = self.grad_accumulation == "full" and calib.num_batches > 1
+        buffers: dict[nn.Parameter, torch.Tensor] = {}  # full-set gradient, only when accumulating
+        state = {"w": 1.0}
 
         def hook(p: nn.Parameter) -> None:
-            partial[owner[p]] += torch.tensor(reduce_weight_grad(p.grad, p, self.dtype), dtype=torch.float64)
-            p.grad = None  # reduce-and-drop: no full gradient set is ever held
+            if accumulate:
+                g = p.grad.detach().float() * state["w"]  # this micro-batch's share of the full-set gradient
+                if p in buffers:
+                    buffers[p].add_(g)
+                else:
+                    buffers[p] = g
+            else:
+                partial[owner[p]] += torch.tensor(reduce_weight_grad(p.grad, p, self.dtype), dtype=torch.float64)
+            p.grad = None  # drop at once: never more than one gradient copy
 
         handles = [p.register_post_accumulate_grad_hook(hook) for p in owner]
         device = model_device(model)
         try:
             for batch in calib.batches(device):
+                state["w"] = predicted_share(batch, calib)
                 partial.zero_()
                 self._backward(model, batch, cost)
-                w = batch.numel() / calib.num_tokens
-                for i in range(n):
-                    totals[i] += w * combine_weight_reduction(self.reduction, *partial[i].tolist(), numel[i])
+                if not accumulate:  # per micro-batch (or the single batch): reduce now, average by tokens
+                    w = batch.numel() / calib.num_tokens
+                    for i in range(n):
+                        totals[i] += w * combine_weight_reduction(self.reduction, *partial[i].tolist(), numel[i])
         finally:
             for h in handles:
                 h.remove()
+        if accumulate:
+            partial.zero_()
+            for p, g in buffers.items():
+                partial[owner[p]] += torch.tensor(reduce_weight_grad(g, p, self.dtype), dtype=torch.float64)
+            buffers.clear()
+            for i in range(n):
+                totals[i] = combine_weight_reduction(self.reduction, *partial[i].tolist(), numel[i])
         return totals
 
     def _score_activations(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
@@ -192,7 +229,7 @@ class GradMAPMetric(LayerMetric):
         for p in model.parameters():
             p.requires_grad_(False)
         totals = torch.zeros(n, dtype=torch.float64)
-        state = {"w": 0.0}
+        state = {"w": 0.0}  # rescales a micro-batch's per-token reduction to the full-set loss's, per set position
 
         def on_layer(pos: int, inp: torch.Tensor, out: torch.Tensor) -> None:
             update = (out - inp).detach() if self.reduction == "first_order" else None
@@ -209,7 +246,10 @@ class GradMAPMetric(LayerMetric):
         try:
             with layer_io(model, on_layer):
                 for batch in calib.batches(device):
-                    state["w"] = batch.numel() / calib.num_tokens
+                    # The micro-batch loss is a mean over its predicted tokens: its gradients are those of the
+                    # full-set loss divided by the batch's share of predicted tokens; the reduction is a mean over
+                    # the batch's positions, and the set's mean weighs it by the batch's share of positions.
+                    state["w"] = predicted_share(batch, calib) * batch.numel() / calib.num_tokens
                     self._backward(model, batch, cost)
         finally:
             start.remove()

@@ -120,16 +120,60 @@ def test_scores_equal_independent_autograd_one_micro_batch(target, reduction):
 
 
 @pytest.mark.parametrize("target,reduction", CASES)
-def test_scores_are_token_weighted_average_of_micro_batch_reductions(target, reduction):
+def test_micro_batches_give_the_full_calibration_set_scores(target, reduction):
+    # Micro-batches of 2, 2 and 1 rows (unequal weights) must give the scores of one batch of all 5 rows: the
+    # metric is the gradient of the loss over the whole calibration set; the batch size is a memory knob.
     model = make_model()
-    calib = make_calib(rows=5, batch_size=2)  # micro-batches of 2, 2 and 1 rows: unequal token weights
+    calib = make_calib(rows=5, batch_size=2)
     assert calib.num_batches == 3
     scores = GradMAPMetric(target=target, reduction=reduction).score(model, calib, Cost())
-    expected = reference(model, calib, target, reduction)
-    torch.testing.assert_close(scores.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
-    # For norms, the average of per-micro-batch norms differs from the norm of the full-batch gradient.
     whole = reference(model, make_calib(rows=5, batch_size=5), target, reduction)
+    torch.testing.assert_close(scores.double(), torch.tensor(whole, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean_abs", "l2", "rel_l2"])
+def test_per_batch_option_averages_micro_batch_reductions(reduction):
+    model = make_model()
+    calib = make_calib(rows=5, batch_size=2)
+    scores = GradMAPMetric(target="weights", reduction=reduction, grad_accumulation="per_batch").score(
+        model, calib, Cost())
+    expected = reference(model, calib, "weights", reduction)  # token-weighted mean of per-micro-batch reductions
+    torch.testing.assert_close(scores.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+    # It measures something else than the full-set gradient (norms of an average != average of norms).
+    whole = reference(model, make_calib(rows=5, batch_size=5), "weights", reduction)
     assert not torch.allclose(torch.tensor(whole, dtype=torch.float64), scores.double(), rtol=1e-6, atol=0)
+
+
+def uneven_model(seed: int = 2) -> nn.Module:
+    """Six layers whose residual writers are scaled by random strengths, so layer scores are not simply ordered by
+    depth and a metric that measures gradient noise picks differently with other micro-batch sizes (seed 2: the
+    per-micro-batch l2 average does, see below)."""
+    model = tiny_random_llama(vocab_size=VOCAB, num_layers=6, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            strength = float(torch.rand((), generator=g)) * 2 + 0.2
+            layer.mlp.down_proj.weight.mul_(strength)
+            layer.self_attn.o_proj.weight.mul_(strength)
+    return model
+
+
+@pytest.mark.parametrize("target,reduction", CASES)
+@pytest.mark.parametrize("iterative", [True, False])
+def test_selection_does_not_depend_on_the_micro_batch_size(target, reduction, iterative):
+    model = uneven_model()
+    removed = [GradMAPMetric(target=target, reduction=reduction, iterative=iterative).select(
+        model, make_calib(rows=4, batch_size=batch_size, seed=2), 3, Cost()).removed for batch_size in (1, 2, 4)]
+    assert removed[0] == removed[1] == removed[2], removed
+
+
+def test_per_batch_selection_changes_with_the_micro_batch_size():
+    # Why `full` is the default: on the same model and tokens the per-micro-batch average removes other layers.
+    model = uneven_model()
+    removed = [sorted(GradMAPMetric(target="weights", reduction="l2", iterative=False, grad_accumulation="per_batch")
+                      .select(model, make_calib(rows=4, batch_size=batch_size, seed=2), 3, Cost()).removed)
+               for batch_size in (1, 2, 4)]
+    assert removed[0] != removed[2], removed
 
 
 def test_float32_accumulation_agrees_with_float64():
