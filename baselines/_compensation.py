@@ -6,7 +6,7 @@ captured once, *before* the first change, and kept on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -55,3 +55,24 @@ def final_rel_error(model: nn.Module, calib: Calibration, dense: Sequence[torch.
     num = sum(float((p.double() - d.double()).pow(2).sum()) for p, d in zip(pruned, dense))
     den = sum(float(d.double().pow(2).sum()) for d in dense)
     return num / max(den, 1e-30)
+
+
+@torch.no_grad()
+def layer_io_stats(model: nn.Module, calib: Calibration, positions: Sequence[int],
+                   stat: Callable[[torch.Tensor], torch.Tensor]
+                   ) -> dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Per calibration batch, `stat` of the input and of the output of the decoder layers at `positions` of the model
+    as it currently is, in one forward per batch: {position: ([stat(input) per batch], [stat(output) per batch])}.
+
+    `stat` reduces a [batch, seq, hidden] state on the model's device (e.g. to per-channel means), so only the small
+    reductions are kept (on the CPU), never the hidden states themselves."""
+    seen: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {p: ([], []) for p in positions}
+
+    def keep(p: int, i: torch.Tensor, o: torch.Tensor) -> None:
+        seen[p][0].append(stat(i.detach()).cpu())
+        seen[p][1].append(stat(o.detach()).cpu())
+
+    with layer_io(model, keep, positions):
+        for batch in calib.batches(model_device(model)):
+            model(input_ids=batch, use_cache=False)
+    return seen

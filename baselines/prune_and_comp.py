@@ -1,17 +1,20 @@
-"""Prune&Comp magnitude compensation (training-free, folded into existing weights)."""
+"""Prune&Comp: iterative layer pruning with magnitude compensation (training-free, folded into existing weights)."""
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from baselines._compensation import contiguous_gaps, dense_final_states, final_rel_error, layer_states
+from baselines._compensation import (contiguous_gaps, dense_final_states, final_rel_error, layer_io_stats,
+                                     layer_states)
 from gradmap import surgery
 from gradmap.compensation import Compensation, IncompatibleCompensationError
-from gradmap.metric import Calibration, Cost
+from gradmap.metric import Calibration, Cost, Decision, LayerMetric, Selection
 from gradmap.projection import POST_MLP_NORMS
 
 # The modules of a pre-norm decoder layer that write into the residual stream (attention and MLP output
@@ -67,47 +70,122 @@ def scale_prefix(model: nn.Module, upto: int, s: float) -> None:
                 proj.bias.mul_(s)
 
 
+RATIOS = ("channel_mean_abs", "token_l2")
+
+
+def channel_stat(h: torch.Tensor) -> torch.Tensor:
+    """[..., seq, hidden] -> [sequences, hidden]: per sequence and channel, the mean over tokens of |h|, in float64."""
+    return h.double().abs().mean(dim=-2).reshape(-1, h.shape[-1])
+
+
+def token_stat(h: torch.Tensor) -> torch.Tensor:
+    """[..., hidden] -> [tokens]: the L2 norm of every token's state, in float64."""
+    return h.double().flatten(0, -2).norm(dim=-1)
+
+
+STATS = {"channel_mean_abs": channel_stat, "token_l2": token_stat}
+
+
+def ratio_from_stats(dense: list[torch.Tensor], pruned: list[torch.Tensor], ratio: str) -> tuple[float, float, float]:
+    """(s, dense magnitude, pruned magnitude) from per-batch `STATS[ratio]` reductions of the two states.
+
+    channel_mean_abs (the official code): s = mean over sequences r and channels c of
+        mean_t |h_dense[r, t, c]| / mean_t |h_pruned[r, t, c]|
+    token_l2 (the earlier variant here): s = mean_t ||h_dense,t|| / mean_t ||h_pruned,t|| over all tokens."""
+    d, p = torch.cat(dense), torch.cat(pruned)
+    if ratio == "channel_mean_abs":
+        s = (d / p).mean().item()
+    else:
+        s = d.mean().item() / max(p.mean().item(), 1e-30)
+    if not math.isfinite(s) or s <= 0:
+        raise RuntimeError(f"prune_and_comp: magnitude ratio {s} ({ratio}) is not a positive finite number; the "
+                           "pruned state has a zero-magnitude channel or sequence on the calibration data")
+    return s, d.mean().item(), p.mean().item()
+
+
+def channel_magnitude_ratio(dense: list[torch.Tensor], pruned: list[torch.Tensor]) -> tuple[float, float, float]:
+    """(s, dense mean |h|, pruned mean |h|) of full [batch, seq, hidden] states per batch, the official ratio:
+    s = mean_{r, c} (mean_t |h_dense[r, t, c]| / mean_t |h_pruned[r, t, c]|), r = sequence, c = channel."""
+    return ratio_from_stats([channel_stat(h) for h in dense], [channel_stat(h) for h in pruned], "channel_mean_abs")
+
+
 def magnitude_ratio(dense: list[torch.Tensor], pruned: list[torch.Tensor]) -> tuple[float, float, float]:
     """(s, dense mean norm, pruned mean norm): s = mean_t ||h_dense,t|| / mean_t ||h_pruned,t||, in float64."""
-    nd = torch.cat([h.double().flatten(0, -2).norm(dim=-1) for h in dense]).mean().item()
-    npr = torch.cat([h.double().flatten(0, -2).norm(dim=-1) for h in pruned]).mean().item()
-    return nd / max(npr, 1e-30), nd, npr
+    return ratio_from_stats([token_stat(h) for h in dense], [token_stat(h) for h in pruned], "token_l2")
+
+
+def is_span_metric(metric: LayerMetric) -> bool:
+    """Metrics that choose one contiguous block in a single decision (they override `LayerMetric.select`)."""
+    return type(metric).select is not LayerMetric.select
 
 
 class PruneAndComp(Compensation):
-    """Prune&Comp: rescale the hidden state at each gap so its magnitude matches the dense model's.
+    """Prune&Comp: iterative layer pruning with magnitude compensation folded into the remaining weights.
 
     Paper: "Prune&Comp: Free Lunch for Layer-Pruned LLMs via Iterative Pruning with Magnitude Compensation",
     Xinrui Chen, Hongxing Zhang, Fanyi Zeng, Yongxian Wei, Yizhi Wang, Xitong Ling, Guanghao Li, Chun Yuan,
-    arXiv 2507.18212, https://arxiv.org/abs/2507.18212
+    arXiv 2507.18212 (AAAI 2026), https://arxiv.org/abs/2507.18212
+    Official code: https://github.com/chenxinrui-tsinghua/PruneAndComp (`magcomp.py`: `get_scale_params`,
+    `fuse_scale`; the loop in `CosSim_BI.py`, `Taylor+.py`, `PPL.py`, `mag+.py`; one span in `CosSim_CL.py`).
 
-    Method: removing layers leaves a magnitude gap in the hidden states fed to the next kept layer (the residual
-    stream's norm grows with depth). The gap is estimated on calibration data and removed by rescaling weights
-    offline, so there is no runtime cost. For each contiguous gap [a, b] of removed original layers, in depth order:
+    Removing a layer leaves a magnitude gap: the next layer receives the removed layer's input instead of its
+    (larger) output. Prune&Comp estimates the gap on calibration data and closes it by rescaling weights offline.
 
-        s = mean_t ||h_dense,t(after layer b)|| / mean_t ||h_pruned,t(after the last kept layer before a)||
+    Method (`iterative=true`, the default and the official procedure; `prune_iteratively`): for k = 1..n
+      1. score the current model (already pruned and compensated k-1 times) with the run's metric and take its
+         lowest-scoring prunable layer, at current position p (the metric's own `iterative` flag is not consulted:
+         the loop always rescores, as the official scripts do for every metric);
+      2. on that same current model (the reference is the model before this removal, not the original dense
+         model), measure x = input of layer p (what the next layer will receive once p is gone) and y = output of
+         layer p (what it receives now), and
+             s = mean over sequences r and channels c of  mean_t |y[r, t, c]| / mean_t |x[r, t, c]|
+         (`ratio=channel_mean_abs`, as `magcomp.get_scale_params`: per-channel mean |.| over a sequence's tokens,
+         the ratio averaged over the calibration sequences, then over channels; one scalar);
+      3. remove layer p (`surgery.remove_layers`), then fold s into the input embedding and the residual writers
+         (`self_attn.o_proj`, `mlp.down_proj`; weights and biases) of every layer before p (`scale_prefix`, as
+         `magcomp.fuse_scale`). Exact up to the pre-norms' epsilon: every writer reads its input through a
+         scale-invariant norm, so the residual stream up to p is multiplied by s and nothing else changes.
+    Decisions are recorded with original layer indices. Span metrics (one contiguous block in one decision, e.g.
+    `streamline`, `angular`; the official `CosSim_CL.py`) are scored once on the dense model and compensated once
+    at their gap (`procedure: span`).
 
-    (mean over all calibration tokens; the pruned state is measured on the model with the earlier gaps already
-    compensated, which is the paper's prune-then-compensate order; the dense states are taken once, before any
-    change). The state at the gap is then multiplied by s by folding s into the input embedding and the residual
-    writers (`self_attn.o_proj`, `mlp.down_proj`, weights and biases) of every kept layer before the gap: exact up
-    to the pre-norms' epsilon, because those norms make every layer's output homogeneous of degree one in these
-    weights (`scale_prefix`). The scale of earlier gaps multiplies in, which is right: downstream of a gap only the
-    ratio of the residual to later layers' outputs matters, and that ratio keeps its compensated value.
+    `iterative=false` (the paper's "+Magnitude Compensation" one-shot ablation row; `apply`): the metric's
+    selection is removed at once, then each contiguous gap [a, b] of removed original layers is compensated in
+    depth order with s from the dense output of layer b (dense model, captured before any change) and the pruned
+    state at the gap (the model with the earlier gaps already compensated); the scales of earlier gaps multiply in.
+    `ratio=token_l2` (not in the official code; the earlier default here): s = mean_t ||y_t|| / mean_t ||x_t||, a
+    ratio of mean token L2 norms over all calibration tokens.
+
+    Differences from the official code that are not options: the dense reference is the removed layer's output, the
+    same tensor as the next layer's input that `get_scale_params` hooks, but defined for the last layer too (there the
+    official code has no layer j to hook); reductions run in float64 (the official model runs in float16); biases of
+    the writers are scaled too (Llama has none); the run's calibration set serves the metric and the scale (the
+    official scripts use 128-256 WikiText-2 sequences of 2048 tokens for the scale, some a separate set for scoring).
 
     Tied embeddings: the embedding matrix is scaled, so a tied LM head is first given its own copy
     (`untie_embeddings`, reported as `untied_embeddings` and `extra_parameters`; vocab x hidden parameters, e.g. +28M on
-    SmolLM2-135M). A variant that avoids this is to scale every writer *after* the gap by 1/s instead: the final
-    norm makes the logits the same (up to epsilon), but the raw hidden states then differ from the dense ones by a
-    global factor; it is not implemented here.
+    SmolLM2-135M; the official `fuse_scale` scales the shared matrix in place, i.e. the LM head too).
 
-    Not from the paper (our choices): the scalar is a ratio of mean token norms (the paper's "magnitude"); all
-    tokens count, including the first token's large activations. No arguments: the method has no
-    hyperparameters beyond the calibration set. Supports pre-norm layers with `self_attn.o_proj` and
-    `mlp.down_proj` (Llama, Mistral, Qwen2/3, Phi-3); other layouts are refused in `check_compatible`.
+    Args:
+        iterative: True (official): the runner must call `prune_iteratively` (`interleaved` is True) instead of
+            select -> remove_layers -> apply; False: the one-shot ablation, through `apply`.
+        ratio: `channel_mean_abs` (official) or `token_l2`.
+
+    Supports pre-norm layers with `self_attn.o_proj` and `mlp.down_proj` (Llama, Mistral, Qwen2/3, Phi-3); other
+    layouts are refused in `check_compatible`.
     """
 
     name = "prune_and_comp"
+    # True: selection and compensation interleave; the runner calls `prune_iteratively(model, metric, calib, n, cost)`
+    # instead of `metric.select` -> `surgery.remove_layers` -> `apply`. Set per instance from `iterative`.
+    interleaved = True
+
+    def __init__(self, iterative: bool = True, ratio: str = "channel_mean_abs"):
+        if ratio not in RATIOS:
+            raise ValueError(f"ratio={ratio!r} is not valid; allowed: {', '.join(RATIOS)}")
+        self.iterative = bool(iterative)
+        self.interleaved = self.iterative
+        self.ratio = ratio
 
     def check_compatible(self, model: nn.Module, removed: list[int]) -> None:
         layer = surgery.get_decoder_layers(model)[0]
@@ -124,16 +202,34 @@ class PruneAndComp(Compensation):
         if model.get_input_embeddings() is None:
             raise IncompatibleCompensationError(f"{type(model).__name__} exposes no input embedding to scale")
 
+    def selection_reuse(self, metric: LayerMetric) -> str:
+        """How a cached interleaved selection may be reused (the `LayerMetric.reuse` vocabulary of `gradmap.cache`):
+        "prefix" for per-layer metrics (the first k decisions of a longer run are the run for k, and
+        `prune_iteratively(resume=...)` replays cached decisions), "exact" for span metrics."""
+        return "exact" if is_span_metric(metric) else "prefix"
+
+    # ------------------------------------------------------------------------------------------------- one-shot
+
     def apply(self, model: nn.Module, removed: Mapping[int, nn.Module], calib: Calibration,
               cost: Cost) -> dict[str, Any]:
+        """One-shot compensation of an already removed selection (`iterative=false`; also the span case)."""
+        report = self._one_shot(model, removed, calib)
+        if self.interleaved and removed:
+            report["note"] = ("iterative=true, but the layers were selected and removed before compensation: this is "
+                              "the one-shot procedure; the official loop is PruneAndComp.prune_iteratively")
+        return report
+
+    def _one_shot(self, model: nn.Module, removed: Mapping[int, nn.Module], calib: Calibration) -> dict[str, Any]:
         if not removed:
-            return {"sites": [], "note": "nothing removed"}
+            return {"procedure": "one_shot", "ratio": self.ratio, "sites": [], "note": "nothing removed"}
         self.check_compatible(model, sorted(removed))
+        stat = STATS[self.ratio]
         original_count = surgery.num_layers(model) + len(removed)
         kept = surgery.kept_indices(original_count, list(removed))
         gaps = contiguous_gaps(removed)
         with surgery.dense_view(model, removed):  # dense references first: the folds change shared kept layers
-            dense = layer_states(model, calib, sorted({b for _, b in gaps}))
+            ends = sorted({b for _, b in gaps})
+            dense = {b: outs for b, (_, outs) in layer_io_stats(model, calib, ends, stat).items()}
         dense_final = dense_final_states(model, removed, calib)
         error_before = final_rel_error(model, calib, dense_final)
 
@@ -141,17 +237,100 @@ class PruneAndComp(Compensation):
         sites = []
         for a, b in gaps:
             upto = sum(k < a for k in kept) - 1  # last kept position before the gap; -1 = the embedding
-            pruned = (layer_states(model, calib, [0], inputs=True)[0] if upto < 0
-                      else layer_states(model, calib, [upto])[upto])
-            s, dense_norm, pruned_norm = magnitude_ratio(dense[b], pruned)
+            ins, outs = layer_io_stats(model, calib, [max(upto, 0)], stat)[max(upto, 0)]
+            s, dense_mag, pruned_mag = ratio_from_stats(dense[b], ins if upto < 0 else outs, self.ratio)
             scale_prefix(model, upto, s)
             sites.append({"gap": [a, b], "kept_position_before": upto,
                           "original_layer_before": kept[upto] if upto >= 0 else None,
-                          "scale": s, "dense_mean_norm": dense_norm, "pruned_mean_norm": pruned_norm})
+                          "scale": s, "dense_magnitude": dense_mag, "pruned_magnitude": pruned_mag})
         return {
+            "procedure": "one_shot",
+            "ratio": self.ratio,
             "sites": sites,
             "untied_embeddings": extra > 0,
             "extra_parameters": extra,
             "final_rel_error_before": error_before,
             "final_rel_error_after": final_rel_error(model, calib, dense_final),
         }
+
+    # ------------------------------------------------------------------------------------------------ iterative
+
+    def prune_iteratively(self, model: nn.Module, metric: LayerMetric, calib: Calibration, num_prune: int,
+                          cost: Cost, resume: Selection | None = None) -> tuple[Selection, dict[str, Any]]:
+        """The official Prune&Comp loop: n times (score the current model with `metric`, remove its lowest layer,
+        fold the magnitude compensation). Changes `model` in place (layers removed through `surgery`, scales folded);
+        returns the selection (one `Decision` per removal, scores and removals in original layer indices) and the
+        compensation report.
+
+        `resume`: an earlier selection of this same procedure (metric, compensation, calibration); its first
+        decisions are replayed (removal and fold redone, no rescoring) and the loop continues from there."""
+        original_count = surgery.num_layers(model)
+        metric._check_budget(original_count, num_prune)
+        self.check_compatible(model, [])
+        if is_span_metric(metric):  # one decision, one gap: compensated once (the official CosSim_CL.py)
+            selection = metric.select(model, calib, num_prune, cost, **({"resume": resume} if resume else {}))
+            report = self._one_shot(model, surgery.remove_layers(model, selection.removed), calib)
+            return selection, {**report, "procedure": "span"}
+
+        replay = list(resume.decisions[:num_prune]) if resume is not None else []
+        if any(len(d.removed) != 1 for d in replay):
+            raise ValueError("resume: an interleaved Prune&Comp selection has one removed layer per decision; got "
+                             f"{[d.removed for d in replay]}")
+        stat = STATS[self.ratio]
+        last = original_count - 1
+        dense_final = layer_states(model, calib, [last])[last]  # the original dense model, for the report only
+        extra = untie_embeddings(model) if embeddings_tied(model) else 0
+        kept = list(range(original_count))  # kept[current position] = original layer index
+        decisions: list[Decision] = []
+        sites: list[dict[str, Any]] = []
+        for step in range(num_prune):
+            if step < len(replay):
+                decision = replay[step]  # scored earlier on this same pruned and compensated model
+            else:
+                decision = self._decide(model, metric, calib, cost, step, kept, original_count)
+            (orig,) = decision.removed
+            pos = kept.index(orig)
+            t0 = time.perf_counter()
+            # Reference = the current model before this removal: the removed layer's output (what the next layer
+            # receives now) vs its input (what the next layer receives once it is gone).
+            ins, outs = layer_io_stats(model, calib, [pos], stat)[pos]
+            s, dense_mag, pruned_mag = ratio_from_stats(outs, ins, self.ratio)
+            surgery.remove_layers(model, [pos])
+            scale_prefix(model, pos - 1, s)
+            del kept[pos]
+            decisions.append(decision)
+            sites.append({"step": step, "original_layer": orig, "position": pos, "kept_position_before": pos - 1,
+                          "original_layer_before": kept[pos - 1] if pos > 0 else None, "scale": s,
+                          "dense_magnitude": dense_mag, "pruned_magnitude": pruned_mag,
+                          "seconds": time.perf_counter() - t0, "replayed": step < len(replay)})
+        selection = Selection(removed=[d.removed[0] for d in decisions], decisions=decisions)
+        return selection, {
+            "procedure": "iterative",
+            "ratio": self.ratio,
+            "sites": sites,
+            "untied_embeddings": extra > 0,
+            "extra_parameters": extra,
+            "compensation_seconds": sum(site["seconds"] for site in sites),
+            "final_rel_error_after": final_rel_error(model, calib, dense_final),
+        }
+
+    @staticmethod
+    def _decide(model: nn.Module, metric: LayerMetric, calib: Calibration, cost: Cost, step: int,
+                kept: list[int], original_count: int) -> Decision:
+        """One decision of `metric` on the model as it is (already pruned and compensated), in original indices;
+        `metric.lowest` applies its protect_first/protect_last to original indices, as `LayerMetric.select` does."""
+        t0 = time.perf_counter()
+        before = Cost(**cost.as_dict())
+        scores = metric.score(model, calib, cost).detach().double().cpu()
+        score_seconds = time.perf_counter() - t0
+        if scores.shape != (len(kept),) or not torch.isfinite(scores).all():
+            raise RuntimeError(f"{type(metric).__name__}.score returned {tuple(scores.shape)} scores "
+                               f"(finite: {bool(torch.isfinite(scores).all())}); expected {len(kept)} finite")
+        full: list[float | None] = [None] * original_count
+        for pos, orig in enumerate(kept):
+            full[orig] = float(scores[pos])
+        take = metric.lowest(full, 1)
+        return Decision(step=step, scores=full, removed=take, seconds=time.perf_counter() - t0,
+                        score_seconds=score_seconds,
+                        forward_tokens=cost.forward_tokens - before.forward_tokens,
+                        backward_tokens=cost.backward_tokens - before.backward_tokens)

@@ -13,6 +13,7 @@ import random
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -22,9 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from gradmap import surgery
 from gradmap.cache import SelectionCache, finished_record, read_json_entry, selection_key
 from gradmap.compensation import IncompatibleCompensationError
-from gradmap.data import load_calibration, load_heldout_tokens
+from gradmap.data import load_calibration, load_heldout
 from gradmap.evaluation import evaluate, headline, retained
 from gradmap.loggers import make_logger
+from gradmap.metric import Cost
 from gradmap.models import load_model, resolve_device, resolve_dtype
 from gradmap.record import StageRecorder, atomic_write_json, atomic_write_text, environment, stable_hash
 
@@ -61,7 +63,7 @@ def dense_cache_key(cfg: DictConfig) -> str:
     """Dense results depend only on the model and the evaluation settings (and the seed used by lm-eval)."""
     return stable_hash({"model": OmegaConf.to_container(cfg.model, resolve=True),
                         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
-                        "dtype": cfg.get("dtype"), "seed": cfg.seed, "v": 1})
+                        "dtype": cfg.get("dtype"), "seed": cfg.seed, "v": 2})
 
 
 def _cache_root(cfg: DictConfig) -> Path:
@@ -157,14 +159,20 @@ class Run:
 
             with stage("calibration"):
                 calib = load_calibration(cfg.calibration, tokenizer)
-                heldout = load_heldout_tokens(cfg.eval.heldout, tokenizer)
+                heldout = load_heldout(cfg.eval.heldout, tokenizer, tuning=bool(cfg.get("tuning", False)))
             rec["calibration"] = {"num_samples": int(calib.input_ids.shape[0]), "seq_len": int(calib.input_ids.shape[1]),
-                                  "tokens": calib.num_tokens, "heldout_tokens": int(heldout.numel())}
+                                  "tokens": calib.num_tokens, "split": "calib"}
+            rec["heldout"] = {t.name: {"corpus": t.corpus, "split": t.split, "tokens": int(t.token_ids.numel())}
+                              for t in heldout}
 
             rec["results"] = {"dense": self._dense_results(model, tokenizer, heldout)}
             self.save()
 
-            selection = self._select(model, metric, calib, n)
+            interleaved = getattr(compensation, "interleaved", False)  # e.g. Prune&Comp: prune, compensate, rescore
+            if interleaved:
+                selection, comp_report = self._prune_interleaved(model, metric, compensation, calib, n)
+            else:
+                selection = self._select(model, metric, calib, n)
             rec["selection"] = selection.as_dict()
             rec["removed_layers"] = sorted(selection.removed)
             atomic_write_text(self.out_dir / "scores.csv", scores_csv(rec["selection"]["decisions"]))
@@ -172,11 +180,14 @@ class Run:
                                f"{self.choices.get('metric')} on {self.choices.get('model')}")
             self.save()
 
-            with stage("prune"):
-                removed_modules = surgery.remove_layers(model, selection.removed)
-            with stage("compensate", model) as cost:
-                rec["compensation"] = compensation.apply(model, removed_modules, calib, cost)
-            del removed_modules  # the dense reference is no longer needed
+            if interleaved:
+                rec["compensation"] = comp_report
+            else:
+                with stage("prune"):
+                    removed_modules = surgery.remove_layers(model, selection.removed)
+                with stage("compensate", model) as cost:
+                    rec["compensation"] = compensation.apply(model, removed_modules, calib, cost)
+                del removed_modules  # the dense reference is no longer needed
             self.save()
 
             with stage("evaluate", model):
@@ -240,6 +251,37 @@ class Run:
                                    "score_seconds": sum(d.score_seconds for d in selection.decisions),
                                    **selection.cost}
         return selection
+
+    def _prune_interleaved(self, model, metric, compensation, calib, n):
+        """Selection and compensation in one loop (the selection depends on the compensation): cached under a key
+        that includes the compensation config; cached decisions are replayed (removal and fold, no rescoring)."""
+        cfg, rec = self.cfg, self.record
+        cache = SelectionCache(_cache_root(cfg)) if cfg.get("cache_selection", True) else None
+        key = stable_hash({"selection": selection_key(cfg), "v": 1,
+                           "compensation": OmegaConf.to_container(cfg.compensation, resolve=True)})
+        reuse = SimpleNamespace(reuse=compensation.selection_reuse(metric))
+        cached, _ = cache.lookup(key, reuse, n) if cache else (None, False)
+        with self.recorder.stage("compensate", model) as cost:
+            selection, report = compensation.prune_iteratively(model, metric, calib, n, cost, resume=cached)
+        fresh = selection.decisions[len(cached.decisions) if cached is not None else 0:]
+        scored = Cost(forward_tokens=sum(d.forward_tokens for d in fresh),
+                      backward_tokens=sum(d.backward_tokens for d in fresh))
+        self.recorder.seconds["compensate"] -= sum(d.seconds for d in fresh)  # the decisions' own time and tokens
+        self.recorder.add_seconds("score", sum(d.score_seconds for d in fresh))
+        self.recorder.add_seconds("select", sum(d.seconds - d.score_seconds for d in fresh))
+        comp_cost = self.recorder.costs["compensate"]
+        comp_cost.forward_tokens -= scored.forward_tokens
+        comp_cost.backward_tokens -= scored.backward_tokens
+        self.recorder.costs.setdefault("score", Cost()).add(scored)
+        source = "computed" if cached is None else ("cache" if not fresh else "cache+extended")
+        if cache is not None and source != "cache":
+            cache.store(key, n, selection, {"model": self.choices.get("model"), "metric": self.choices.get("metric"),
+                                            "compensation": self.choices.get("compensation")})
+        rec.update(selection_source=source, selection_cache_key=key,
+                   original_scoring={"seconds": selection.seconds,
+                                     "score_seconds": sum(d.score_seconds for d in selection.decisions),
+                                     **selection.cost})
+        return selection, report
 
     def _fail(self, err: BaseException, traceback_text: str | None) -> None:
         self.record["status"] = "failed"

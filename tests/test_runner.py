@@ -23,7 +23,7 @@ def make_cfg(tmp_path: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[
             "model=tiny_random", "calibration=tiny", "eval=tiny", "logger=none", f"cache_dir={tmp_path / 'cache'}",
-            f"calibration.path={TEXT}", f"eval.heldout.path={TEXT}", "device=cpu", *overrides])
+            f"calibration.path={TEXT}", f"eval.heldout.texts.tiny.path={TEXT}", "device=cpu", *overrides])
     return cfg
 
 
@@ -63,8 +63,11 @@ def test_run_writes_complete_record(tmp_path):
     # Compensation report, dense and pruned results, retained %.
     comp = saved["compensation"]
     assert comp["final_rel_error_after"] < comp["final_rel_error_before"]
-    assert saved["results"]["dense"]["perplexity"]["16"]["ppl"] > 1
-    assert "ppl@16" in saved["results"]["retained_pct"]
+    dense_ppl = saved["results"]["dense"]["perplexity"]["tiny"]
+    assert (dense_ppl["corpus"], dense_ppl["split"]) == ("jsonl", "test") and dense_ppl["seq_lens"]["16"]["ppl"] > 1
+    assert saved["heldout"] == {"tiny": {"corpus": "jsonl", "split": "test", "tokens": 512}}
+    assert saved["calibration"]["split"] == "calib"
+    assert "ppl@16/tiny" in saved["results"]["retained_pct"]
     # Environment: package versions and git commit.
     assert saved["environment"]["packages"]["torch"].startswith("2.")
     assert "git_commit" in saved["environment"]
