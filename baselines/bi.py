@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from baselines._common import TOKENS, angular, check_choice, resolve_accum_dtype, span_distances
+from baselines._common import LAST_STATES, TOKENS, angular, check_choice, resolve_accum_dtype, state_distances
 from gradmap import surgery
 from gradmap.metric import Calibration, Cost, LayerMetric
 
@@ -20,8 +20,11 @@ class BlockInfluence(LayerMetric):
     https://arxiv.org/abs/2403.03853
 
     Formula: BI_l = 1 - mean_t cos(x_{l,t}, y_{l,t}), where x_l / y_l are layer l's input / output hidden states
-    (read with hooks on the decoder layers, not HF `output_hidden_states`, whose last entry is final-normed) and t
-    runs over the counted token positions of the calibration set.
+    and t runs over the counted token positions of the calibration set. As in the reference code (icip-cas/ShortGPT,
+    from the authors' lab, `shortgpt/shortgpt.py`, and the widely used sramshetty/ShortGPT `short_hf.py`: BI of
+    layer i from HF `output_hidden_states` entries i and i+1), the last layer's output is taken after the model's
+    final norm (`last_state=final_norm`, HF's last entry); `last_state=raw` compares the raw output instead (this
+    repo's earlier reading). States are read with hooks, so no list of every state is kept.
     With `distance=angular`, mean_t arccos(cos(x_{l,t}, y_{l,t})) / pi instead (a variant, not in the paper).
 
     Direction: BI is a distance, so it is the score as is: a layer that barely changes the residual stream has BI
@@ -32,22 +35,26 @@ class BlockInfluence(LayerMetric):
         tokens: `all` (default; the paper averages over all tokens) or `last` (last position of each sequence).
         iterative: False by default: ShortGPT scores once and removes the n lowest layers.
         accum_dtype: precision of the cosines and sums; float64 by default (cheap next to the forward).
+        last_state: `final_norm` (default, the reference code) or `raw`: the last layer's output as compared.
         protect_first / protect_last: layers never pruned; 0 by default (the paper protects none).
     """
 
     name = "bi"
 
     def __init__(self, distance: str = "cosine", tokens: str = "all", iterative: bool = False,
-                 accum_dtype: str = "float64", protect_first: int = 0, protect_last: int = 0):
+                 accum_dtype: str = "float64", last_state: str = "final_norm", protect_first: int = 0,
+                 protect_last: int = 0):
         super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
         self.distance = check_choice("distance", distance, DISTANCES)
         self.tokens = check_choice("tokens", tokens, TOKENS)
         self.dtype = resolve_accum_dtype(accum_dtype)
+        self.last_state = check_choice("last_state", last_state, LAST_STATES)
 
     def per_token(self, cos: torch.Tensor) -> torch.Tensor:
         return angular(cos) if self.distance == "angular" else 1.0 - cos
 
     def score(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
-        # A span of one layer: input of layer l vs its own output, all layers in one forward per micro-batch.
+        # Each layer's input h_l vs its output h_{l+1}, all layers in one forward per micro-batch.
         n = surgery.num_layers(model)
-        return span_distances(model, calib, 1, list(range(n)), self.tokens, self.dtype, self.per_token)
+        return state_distances(model, calib, [(i, i + 1) for i in range(n)], self.tokens, self.dtype,
+                               self.per_token, self.last_state)
