@@ -5,11 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from baselines._common import eval_mode, resolve_accum_dtype
+from baselines._common import check_choice, eval_mode, resolve_accum_dtype
 from gradmap import surgery
 from gradmap.gradmap_metric import grad_state_preserved, gradient_checkpointing, only_layer_weights_trainable
 from gradmap.metric import Calibration, Cost, LayerMetric
 from gradmap.models import model_device
+
+# weights: parameters whose name contains "weight" (official anal_block_sensitivity_taylor.py in
+# Nota-NetsPresso/shortened-llm; biases are left out); all: every float parameter of the block, biases included.
+PARAMETERS = ("weights", "all")
 
 
 class BlockTaylor(LayerMetric):
@@ -20,11 +24,14 @@ class BlockTaylor(LayerMetric):
     Thibault Castells, Shinkook Choi, Junho Shin, Hyoung-Kyu Song, arXiv 2402.02834, https://arxiv.org/abs/2402.02834
 
     Formula: I_l = sum over every weight element w of block l of |w * dL/dw|, L the next-token cross-entropy averaged
-    over all calibration tokens. The gradient is that of the full calibration batch: micro-batch gradients
-    (weighted by their share of predicted tokens) are summed into private `accum_dtype` buffers and |w * g| is taken
-    once at the end (|sum| rather than sum of |.|, which would overestimate). With a single micro-batch no buffer
-    is needed. Only the blocks' parameters require grad during the backward; every parameter's `requires_grad`
-    and `.grad` are restored afterwards.
+    over all calibration tokens. "Weight" as in the official code (`src/anal_block_sensitivity_taylor.py`, which
+    keeps parameters whose name contains "weight"): projection matrices and norm scales, not biases
+    (`parameters=weights`, default); `parameters=all` also adds |b * dL/db| of the biases (this repo's earlier
+    reading; the same for bias-free models such as Llama). The gradient is that of the full calibration batch:
+    micro-batch gradients (weighted by their share of predicted tokens) are summed into private `accum_dtype`
+    buffers and |w * g| is taken once at the end (|sum| rather than sum of |.|, which would overestimate). With a
+    single micro-batch no buffer is needed. Only the scored block parameters require grad during the backward;
+    every parameter's `requires_grad` and `.grad` are restored afterwards.
 
     Taylor+ (`conf/metric/taylor_plus.yaml`): the paper observes that plain Taylor tends to remove early blocks,
     which hurts badly, and so heuristically excludes the first four and the last two blocks from pruning
@@ -37,16 +44,18 @@ class BlockTaylor(LayerMetric):
         accum_dtype: dtype of the gradient buffers and products; float32 by default, because the buffers hold one
             gradient per block weight (float64 would double that memory); float64 for exact checks.
         gradient_checkpointing: recompute activations in backward to save memory on large models (off by default).
+        parameters: `weights` (default, the official code: no biases) or `all` (biases included).
         protect_first / protect_last: blocks never pruned; 0 / 0 for Taylor, 4 / 2 for Taylor+ (the paper).
     """
 
     name = "taylor"
 
     def __init__(self, iterative: bool = False, accum_dtype: str = "float32", gradient_checkpointing: bool = False,
-                 protect_first: int = 0, protect_last: int = 0):
+                 parameters: str = "weights", protect_first: int = 0, protect_last: int = 0):
         super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
         self.dtype = resolve_accum_dtype(accum_dtype)
         self.gradient_checkpointing = gradient_checkpointing
+        self.parameters = check_choice("parameters", parameters, PARAMETERS)
 
     def score(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
         with grad_state_preserved(model), eval_mode(model), \
@@ -57,6 +66,12 @@ class BlockTaylor(LayerMetric):
         layers = surgery.get_decoder_layers(model)
         scores = torch.zeros(len(layers), dtype=torch.float64)
         owner = only_layer_weights_trainable(model)
+        if self.parameters == "weights":
+            for layer in layers:
+                for name, p in layer.named_parameters():
+                    if "weight" not in name and p in owner:  # not scored: no gradient needed (flags restored)
+                        p.requires_grad_(False)
+                        del owner[p]
 
         single = calib.num_batches == 1
         total = calib.input_ids.shape[0] * (calib.input_ids.shape[1] - 1)  # predicted tokens (labels are shifted)
