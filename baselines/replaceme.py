@@ -30,7 +30,9 @@ class ReplaceMe(ProjectionCompensation):
     `ProjectionCompensation(sites="before_gap")`, whose fit is exactly this normal-equation solve in float64.
 
     Defaults: `alpha=0` (plain least squares) as in the paper's recommended `lstsq` method (`alpha: 0` in its
-    reproduce configs).
+    reproduce configs); `guard=none`: the official code (`ReplaceMe/lstsq.py`) folds every estimated map without
+    checking its effect. `guard=final_error` (GradMAP projection's guard, an option here) undoes a fold that raises
+    the final-layer calibration error.
 
     Differences from the paper / its code:
     * Ridge: projection's ridge pulls T toward I with lam = alpha * tr(M^T M) / d; ReplaceMe's optional ridge is
@@ -46,8 +48,8 @@ class ReplaceMe(ProjectionCompensation):
 
     name = "replaceme"
 
-    def __init__(self, alpha: float = 0.0):
-        super().__init__(sites="before_gap", alpha=alpha)
+    def __init__(self, alpha: float = 0.0, guard: str = "none"):
+        super().__init__(sites="before_gap", alpha=alpha, guard=guard)
 
     def apply(self, model: nn.Module, removed: Mapping[int, nn.Module], calib: Calibration,
               cost: Cost) -> dict[str, Any]:
