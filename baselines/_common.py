@@ -1,4 +1,5 @@
-"""Helpers shared by the baselines: option checking, token selection, cosine similarity, span selection."""
+"""Helpers shared by the baselines: option checking, token selection, cosine similarity, hidden-state distances,
+span selection."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ from gradmap.models import model_device
 
 ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TOKENS = ("all", "last")
+# h_L, the last layer's output: as is, or after the final norm (what HF's `output_hidden_states` returns last).
+LAST_STATES = ("final_norm", "raw")
+# Attribute paths (from the CausalLM wrapper) to the norm after the last decoder layer, per architecture family.
+FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm")
 
 
 def resolve_accum_dtype(name: str) -> torch.dtype:
@@ -63,29 +68,65 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-@torch.no_grad()
-def span_distances(model: nn.Module, calib: Calibration, span: int, starts: list[int], tokens: str,
-                   dtype: torch.dtype, per_token: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Mean over counted tokens of per_token(cos(input of layer s, output of layer s+span-1)), for each s in starts.
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm the model applies after its last decoder layer (HF's last `hidden_states` entry is its output)."""
+    for path in FINAL_NORMS:
+        module: object = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"cannot find the final norm of {type(model).__name__} (looked for {list(FINAL_NORMS)}); "
+                     f"use last_state=raw")
 
-    One forward per micro-batch. Only the inputs of spans still open are kept (at most `span` of them), so memory
-    does not grow with the number of layers.
+
+@torch.no_grad()
+def state_distances(model: nn.Module, calib: Calibration, pairs: list[tuple[int, int]], tokens: str,
+                    dtype: torch.dtype, per_token: Callable[[torch.Tensor], torch.Tensor],
+                    last_state: str = "raw") -> torch.Tensor:
+    """Mean over counted tokens of per_token(cos(h_i, h_j)) for each pair (i, j), 0 <= i < j <= L.
+
+    h_i is the hidden state entering decoder layer i (HF `hidden_states[i]`); h_L is the last layer's output, as
+    is (`last_state=raw`) or after the model's final norm (`final_norm`, as HF's last `hidden_states` entry). Read
+    with hooks, one forward per micro-batch. Only states that a still-open pair needs are kept, so memory does not
+    grow with the number of layers.
     """
-    start_set = set(starts)
-    sums = torch.zeros(len(starts), dtype=torch.float64)
-    count = 0
+    check_choice("last_state", last_state, LAST_STATES)
+    n = surgery.num_layers(model)
+    if not all(0 <= i < j <= n for i, j in pairs):
+        raise ValueError(f"state pairs must satisfy 0 <= i < j <= {n}: {pairs}")
+    sums = torch.zeros(len(pairs), dtype=torch.float64)
+    ending: dict[int, list[int]] = {}  # j -> indices of the pairs that end at h_j
+    for idx, (_, j) in enumerate(pairs):
+        ending.setdefault(j, []).append(idx)
+    last_use = {i: max(j for i2, j in pairs if i2 == i) for i, _ in pairs}
     pending: dict[int, torch.Tensor] = {}
+    count = 0
+
+    def visit(k: int, h: torch.Tensor) -> None:
+        rows = select_tokens(h, tokens)
+        for idx in ending.get(k, ()):
+            x = pending[pairs[idx][0]]
+            sums[idx] += per_token(cosine(x, rows, dtype)).sum().double().cpu()
+        for i in [i for i in pending if last_use[i] == k]:
+            del pending[i]
+        if k in last_use:
+            pending[k] = rows.detach().clone()  # clone: safe even if a layer writes in place
 
     def on_layer(pos: int, inp: torch.Tensor, out: torch.Tensor) -> None:
-        if pos in start_set:
-            pending[pos] = select_tokens(inp, tokens).detach().clone()  # clone: safe even if a layer writes in place
-        first = pos - span + 1
-        if first in start_set:
-            x = pending.pop(first)
-            sums[starts.index(first)] += per_token(cosine(x, select_tokens(out, tokens), dtype)).sum().double().cpu()
+        visit(pos, inp)
+        if pos == n - 1 and last_state == "raw":
+            visit(n, out)
 
     device = model_device(model)
-    with eval_mode(model), layer_io(model, on_layer):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(eval_mode(model))
+        stack.enter_context(layer_io(model, on_layer))
+        if last_state == "final_norm":
+            handle = final_norm(model).register_forward_hook(lambda _m, _a, out: visit(n, out))
+            stack.callback(handle.remove)
         for batch in calib.batches(device):
             pending.clear()
             model(input_ids=batch, use_cache=False)
@@ -96,12 +137,18 @@ def span_distances(model: nn.Module, calib: Calibration, span: int, starts: list
 class SpanMetric(LayerMetric):
     """Base for metrics that remove one contiguous span of `num_prune` layers in a single decision.
 
-    Subclasses set `per_token` (cos -> distance per token, lower = more redundant). `select` scores every valid
-    start s (span within the unprotected layers) by the mean distance between the input of layer s and the output
-    of layer s+n-1, and removes the span with the lowest. Its one `Decision` has, per original layer, the distance
-    of the span starting there, and None where no allowed span starts. `score` (per-layer interface) returns the
-    n=1 distances (each layer's own input vs output); the runner uses `select`.
+    Subclasses set `per_token` (cos -> distance per token, lower = more redundant), and may set `lead` and
+    `last_state` (class defaults 0 and `raw`). `select` scores every valid start s of a span s..s+n-1 within the
+    unprotected layers by the mean distance between h_{s-lead} and h_{s+n} (`state_distances`: h_i enters layer i,
+    h_L is the last output, raw or final-normed per `last_state`), and removes the span with the lowest. With
+    lead=0 that is the span's own input vs its output; lead=1 also takes in the kept layer before the span (so no
+    span may start at layer 0). Its one `Decision` has, per original layer, the distance of the span starting
+    there, and None where no allowed span starts. `score` (per-layer interface) returns the n=1, lead=0 distances
+    (each layer's own input vs output); the runner uses `select`.
     """
+
+    lead = 0
+    last_state = "raw"
 
     def __init__(self, tokens: str = "all", accum_dtype: str = "float64", protect_first: int = 0,
                  protect_last: int = 0):
@@ -115,7 +162,8 @@ class SpanMetric(LayerMetric):
 
     def score(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
         n = surgery.num_layers(model)
-        return span_distances(model, calib, 1, list(range(n)), self.tokens, self.dtype, self.per_token)
+        return state_distances(model, calib, [(i, i + 1) for i in range(n)], self.tokens, self.dtype,
+                               self.per_token, self.last_state)
 
     def select(self, model: nn.Module, calib: Calibration, num_prune: int, cost: Cost,
                resume: Selection | None = None) -> Selection:
@@ -126,8 +174,13 @@ class SpanMetric(LayerMetric):
             return resume
         t0 = time.perf_counter()
         before = Cost(**cost.as_dict())
-        starts = list(range(self.protect_first, original_count - self.protect_last - num_prune + 1))
-        dist = span_distances(model, calib, num_prune, starts, self.tokens, self.dtype, self.per_token)
+        starts = list(range(max(self.protect_first, self.lead), original_count - self.protect_last - num_prune + 1))
+        if not starts:
+            raise ValueError(f"{type(self).__name__}: no span of {num_prune} layers fits a {original_count}-layer "
+                             f"model with protect_first={self.protect_first}, protect_last={self.protect_last}"
+                             + (" (the span cannot start at layer 0)" if self.lead else ""))
+        pairs = [(s - self.lead, s + num_prune) for s in starts]
+        dist = state_distances(model, calib, pairs, self.tokens, self.dtype, self.per_token, self.last_state)
         score_seconds = time.perf_counter() - t0
         if not torch.isfinite(dist).all():
             raise RuntimeError(f"{type(self).__name__}: non-finite span distances {dist.tolist()}")

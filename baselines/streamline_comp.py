@@ -66,12 +66,14 @@ class StreamlineTraining(Compensation):
 
     Method: a removed span is replaced by one lightweight module trained so that, from the hidden state entering
     the span, it reproduces the dense hidden state leaving it: min E_t ||f(x_t) - y_t||^2 (nn.MSELoss), AdamW.
-    The official code initialises the lightweight layer from the first layer of the span and drops the others; the
-    same arrangement here keeps the layer count at L - n: for each gap [a, b] the kept layer k = a - 1 just before
-    it is trained to map its input to the dense output of layer b (it now does its own work and the gap's). A gap
-    that starts at layer 0 has no kept layer before it; then the first kept layer after it (b + 1) is trained to map
-    its input (the embeddings) to its own dense output (reported as `side: after`). In general the trained kept
-    layer k targets the dense input of the next kept layer (dense output of next_kept(k) - 1, or of the last layer).
+    The official code (`train_mseloss.py`) replaces the n+1 layers c..c+n that its criterion compares (the
+    `metric=streamline` default) by one layer initialised from layer c, trained to map hidden_states[c] to
+    hidden_states[c+n+1], and removes c+1..c+n; the same arrangement here keeps the layer count at L - n: for each
+    gap [a, b] the kept layer k = a - 1 just before it is trained to map its input to the dense output of layer b
+    (it now does its own work and the gap's). A gap that starts at layer 0 (never chosen by the official criterion)
+    has no kept layer before it; then the first kept layer after it (b + 1) is trained to map its input (the
+    embeddings) to its own dense output (reported as `side: after`). In general the trained kept layer k targets
+    the dense input of the next kept layer (dense output of next_kept(k) - 1, or of the last layer).
 
     `part=layer`: the whole decoder layer is trained (the paper's transformer-layer lightweight network).
     `part=ffn`: only its MLP is trained (the paper's FFN variant, adapted: attention stays as it is). The layer is
@@ -84,13 +86,24 @@ class StreamlineTraining(Compensation):
     any training, because the dense view shares the kept layers being trained. The layer's call arguments (RoPE
     position embeddings, attention mask) are captured with a forward pre-hook and replayed.
 
-    Schedule and defaults (official code, `args.py` / `train_lightweightnetwork.py`): AdamW, lr 2e-4, weight decay
-    1e-3, linear warmup over 1% of the steps then cosine decay to min_lr 5e-5, gradient clipping at norm 5. The paper
-    trains 1 epoch over ~100k sequences (batch 8 x 16 accumulation); with ~1k calibration tokens that is a handful of
-    steps, so `epochs` defaults to 20 passes over the calibration set (one step per calibration micro-batch), which
-    trains a 135M model in well under a minute on a CPU. Training runs in float32 (the layer is cast up and back) so
-    AdamW updates are not lost to bf16 rounding. Only the trained module's parameters get requires_grad; every flag
-    is restored and no .grad is left behind.
+    Schedule and defaults (official code, `args.py` / `LLM_Streamline/train_lightweightnetwork.py` /
+    `LLM_Streamline/scheduler.py`, the MSE-loss path): AdamW, lr 2e-4, weight decay 1e-3, gradient clipping at norm
+    5, and the official warmup + cosine lambda over U optimizer steps:
+
+        f(u) = u / max(1, W)                                                  for u < W
+        f(u) = (min_lr + (lr - min_lr) * max(0, 0.5 (1 + cos(pi p)))) / lr,   p = (u - W) / max(1, H - W)
+
+    with W = warmup_ratio * U and H = decay_horizon * U. The official code sets W and H from the number of
+    *micro-batches* N (W = 0.01 * 0.5 N, H = 0.5 N) but steps the scheduler once per 16 micro-batches (gradient
+    accumulation 16), so per optimizer step (U = N / 16) W = 0.08 U and H = 8 U: the lr rises from 0 over the first
+    8% of the steps and then stays nearly constant (it only falls to ~0.975 lr, 1.95e-4, by the end). Hence the
+    defaults warmup_ratio=0.08, decay_horizon=8. `warmup_ratio=0.01, decay_horizon=1` is this repo's earlier
+    schedule (1% warmup then a full cosine to min_lr; it started the warmup at lr / ceil(W) rather than 0).
+    The paper trains 1 epoch over ~100k sequences (batch 8 x 16 accumulation); with ~1k calibration tokens that is a
+    handful of steps, so `epochs` defaults to 20 passes over the calibration set (one step per calibration
+    micro-batch), which trains a 135M model in well under a minute on a CPU. Training runs in float32 (the layer is
+    cast up and back) so AdamW updates are not lost to bf16 rounding. Only the trained module's parameters get
+    requires_grad; every flag is restored and no .grad is left behind.
 
     Report: per trained layer the loss before/after (MSE over the calibration set), steps and `train_seconds`;
     `cost.train_tokens` counts tokens through the trained module (epochs x calibration tokens per trained layer).
@@ -100,14 +113,17 @@ class StreamlineTraining(Compensation):
     trains = True
 
     def __init__(self, part: str = "layer", epochs: int = 20, lr: float = 2e-4, min_lr: float = 5e-5,
-                 weight_decay: float = 1e-3, warmup_ratio: float = 0.01, max_grad_norm: float = 5.0):
+                 weight_decay: float = 1e-3, warmup_ratio: float = 0.08, decay_horizon: float = 8.0,
+                 max_grad_norm: float = 5.0):
         if part not in PARTS:
             raise ValueError(f"part={part!r} is not valid; allowed: {list(PARTS)}")
-        if epochs < 1 or lr <= 0 or not 0 <= min_lr <= lr or not 0 <= warmup_ratio < 1:
+        # decay_horizon >= 1: the cosine never reaches its turning point within training, so the lr never rises again.
+        if epochs < 1 or lr <= 0 or not 0 <= min_lr <= lr or not 0 <= warmup_ratio < 1 or decay_horizon < 1:
             raise ValueError(f"invalid schedule: epochs={epochs} (>= 1), lr={lr} (> 0), min_lr={min_lr} "
-                             f"(0..lr), warmup_ratio={warmup_ratio} (0..1)")
+                             f"(0..lr), warmup_ratio={warmup_ratio} (0..1), decay_horizon={decay_horizon} (>= 1)")
         self.part, self.epochs, self.lr, self.min_lr = part, epochs, lr, min_lr
         self.weight_decay, self.warmup_ratio, self.max_grad_norm = weight_decay, warmup_ratio, max_grad_norm
+        self.decay_horizon = decay_horizon
         self.name = f"streamline_{part}"
 
     def check_compatible(self, model: nn.Module, removed: list[int]) -> None:
@@ -165,16 +181,17 @@ class StreamlineTraining(Compensation):
             "final_rel_error_after": final_rel_error(model, calib, dense_final),
             "schedule": {"epochs": self.epochs, "lr": self.lr, "min_lr": self.min_lr,
                          "weight_decay": self.weight_decay, "warmup_ratio": self.warmup_ratio,
-                         "max_grad_norm": self.max_grad_norm},
+                         "decay_horizon": self.decay_horizon, "max_grad_norm": self.max_grad_norm},
         }
 
     def _lr_factor(self, step: int, total: int) -> float:
-        """Linear warmup to lr, then cosine decay to min_lr (multiplier of lr for LambdaLR)."""
-        warmup = max(1, math.ceil(self.warmup_ratio * total))
+        """Multiplier of lr at optimizer step `step` of `total` (LambdaLR): the official lambda, see the class."""
+        warmup = self.warmup_ratio * total  # not rounded, as in the official code
         if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return (self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / self.lr
+            return step / max(1.0, warmup)
+        progress = (step - warmup) / max(1.0, self.decay_horizon * total - warmup)
+        cosine = max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return (self.min_lr + cosine * (self.lr - self.min_lr)) / self.lr
 
     def _train(self, layer: nn.Module, calls, targets: list[torch.Tensor], cost: Cost) -> dict[str, Any]:
         device = model_device(layer)
