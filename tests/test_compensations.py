@@ -4,6 +4,7 @@ case. Dense references are computed here independently of the code under test (l
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import hydra.utils
@@ -121,6 +122,26 @@ def test_replaceme_map_is_least_squares():
     torch.testing.assert_close(layer.mlp.down_proj.weight.double(), expected.T @ w0, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("guard", ["none", "final_error"])
+def test_replaceme_has_no_guard_by_default(monkeypatch, guard):
+    """Official ReplaceMe/lstsq.py folds every estimated map unchecked: a fold that raises the final error is kept.
+    The guard (GradMAP projection's) is only an option. The harmful fit is forced: T = 8 I."""
+    assert ReplaceMe().guard == "none"
+    model = tiny_random_llama(num_layers=6)
+    removed = surgery.remove_layers(model, REMOVE)
+    monkeypatch.setattr("gradmap.projection.fit_projection",
+                        lambda yty, ytt, alpha: 8.0 * torch.eye(yty.shape[0], dtype=torch.float64))
+    comp = ReplaceMe() if guard == "none" else ReplaceMe(guard=guard)
+    report = comp.apply(model, removed, make_calib(), Cost())
+    assert [s["original_layer"] for s in report["sites"]] == [1] and report["guard"] == guard
+    if guard == "none":
+        assert report["sites"][0]["kept"] and report["sites_undone"] == []
+        assert report["final_rel_error_after"] > report["final_rel_error_before"]
+    else:
+        assert report["sites_undone"] == [1]
+        assert report["final_rel_error_after"] == pytest.approx(report["final_rel_error_before"], rel=1e-9)
+
+
 def test_replaceme_refuses_underdetermined_least_squares():
     model = tiny_random_llama(num_layers=6)
     removed = surgery.remove_layers(model, REMOVE)
@@ -138,7 +159,7 @@ def test_prune_and_comp_scale_is_the_norm_ratio_and_folds_exactly():
     at_gap = outputs(model, calib, 1)
     s = mean_norm(dense) / mean_norm(at_gap)
 
-    report = PruneAndComp().apply(model, removed, calib, Cost())
+    report = PruneAndComp(iterative=False, ratio="token_l2").apply(model, removed, calib, Cost())
     (site,) = report["sites"]
     assert site["gap"] == [2, 3] and site["kept_position_before"] == 1
     assert site["scale"] == pytest.approx(s, rel=1e-6)
@@ -176,6 +197,36 @@ def test_streamline_training_lowers_its_loss(part):
                                                                                         (2, 3, "before")]
     assert all(s["final_loss"] < s["initial_loss"] for s in sites)
     assert cost.train_tokens == 2 * 5 * 8 * 16  # trained layers x epochs x calibration tokens
+
+
+def official_streamline_lambda(step: float, warmup: float, horizon: float, lr: float, min_lr: float) -> float:
+    """LLM_Streamline/scheduler.py's warmup + cosine lambda (num_cycles 0.5), written out for the test."""
+    if step < warmup:
+        return step / max(1.0, warmup)
+    progress = (step - warmup) / max(1.0, horizon - warmup)
+    return (min_lr + max(0.0, 0.5 * (1 + math.cos(math.pi * progress))) * (lr - min_lr)) / lr
+
+
+def test_streamline_lr_schedule_is_the_official_one():
+    """train_lightweightnetwork.py: warmup = N * epochs * 0.01 * 0.5 and horizon = N * epochs * 0.5 in micro-batches
+    N, but scheduler.step() once per 16 micro-batches (gradient accumulation): replay it per optimizer step."""
+    comp = StreamlineTraining()
+    steps, accumulation = 100, 16
+    micro_batches = steps * accumulation  # one epoch
+    official = [official_streamline_lambda(u, micro_batches * 0.01 * 0.5, micro_batches * 0.5, 2e-4, 5e-5)
+                for u in range(steps)]
+    ours = [comp._lr_factor(u, steps) for u in range(steps)]
+    assert ours == pytest.approx(official, rel=1e-12, abs=1e-12)
+    # By hand: warmup over 8 steps from 0, then nearly constant (0.5 (1 + cos(pi * 91/792)) = 0.96778).
+    assert ours[0] == 0.0 and ours[4] == pytest.approx(0.5) and ours[8] == pytest.approx(1.0)
+    assert ours[99] == pytest.approx((5e-5 + 0.96778 * 1.5e-4) / 2e-4, abs=1e-5)
+    assert min(ours[8:]) > 0.97
+    # This repo's earlier schedule as an option: 1% warmup, then a full cosine down toward min_lr (0.25 lr).
+    old = StreamlineTraining(warmup_ratio=0.01, decay_horizon=1.0)
+    assert old._lr_factor(1, steps) == pytest.approx(1.0)
+    assert old._lr_factor(99, steps) == pytest.approx(0.25, abs=1e-3)
+    with pytest.raises(ValueError, match="decay_horizon"):
+        StreamlineTraining(decay_horizon=0.5)
 
 
 # ---------------------------------------------------------------------------------------------------- refusals

@@ -53,3 +53,17 @@ def test_speed_experiment_times_uncompensated_uncached_scoring():
     assert cfg.compensation._target_.endswith("NoCompensation")
     assert cfg.cache_selection is False
     assert list(cfg.eval.lm_eval.tasks) == []
+
+
+TUNING = ("ablation_gradmap", "ablation_projection")
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_tuning_experiments_read_validation_only_and_reports_read_test(name):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={name}"])
+    splits = {spec.split for spec in cfg.eval.heldout.texts.values()}
+    if name in TUNING:  # experiments that choose defaults: validation only, and the loader refuses test
+        assert cfg.tuning is True and splits == {"validation"}
+    else:  # report tables: test text only
+        assert cfg.tuning is False and splits == {"test"}
