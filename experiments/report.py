@@ -4,11 +4,13 @@
 
 Every job's `record.json` (found recursively) is one run; only `status: done` runs enter the table. Rows are
 (model, prune ratio, metric, compensation), plus one dense reference row per model; runs differing only in the seed
-are averaged (`runs` counts them). Columns:
+are averaged (`runs` counts them: the calibration seeds). Columns:
 
-- `ppl@<len>`: held-out perplexity per window (lower is better);
+- `ppl@<len>/<text>`: perplexity per window length and held-out text (lower is better; the text's corpus and split
+  are in its name and listed above the table), mean over seeds, with `<col> sd` the standard deviation over seeds;
 - one accuracy per lm-eval task: `acc_norm` where the records have it (the usual headline for multiple-choice tasks,
-  it corrects for answer length), else `acc`; `task_avg` is their mean;
+  it corrects for answer length), else `acc`; mean over the runs that evaluated it, with `<col> se` its standard
+  error from lm-eval (binomial, over the questions; mean over runs); `task_avg` is the mean of the tasks;
 - `retained_pct`: mean over tasks of 100 * pruned / dense accuracy;
 - `pruning_seconds`: `pruning_seconds_original` (scoring as originally computed, even when a later job reused a
   cached selection, + prune + compensate), so sweeps with selection caching still compare real costs;
@@ -159,16 +161,26 @@ def _mean(values: list[float]) -> float:
 def _measures(records: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     """Perplexity columns by window length, and one accuracy column per task (acc_norm if any record has it)."""
     keys = {k for rec in records for side in ("dense", "pruned") for k in rec["results"]["headline"][side]}
-    ppl = sorted((k for k in keys if k.startswith("ppl@")),
-                 key=lambda k: (int(k[4:]) if k[4:].isdigit() else math.inf, k))
+    def window_then_text(k: str) -> tuple[float, str]:  # "ppl@128/wiki_test" -> (128, "wiki_test")
+        length, _, text = k[4:].partition("/")
+        return (int(length) if length.isdigit() else math.inf, text)
+
+    ppl = sorted((k for k in keys if k.startswith("ppl@")), key=window_then_text)
     tasks = sorted({k.rsplit("/", 1)[0] for k in keys if k.endswith(("/acc", "/acc_norm"))})
     return ppl, [f"{t}/acc_norm" if f"{t}/acc_norm" in keys else f"{t}/acc" for t in tasks]
+
+
+def _stderr(rec: dict[str, Any], side: str, col: str) -> float:
+    """lm-eval's standard error of accuracy column `<task>/<metric>` in the record's `side` results."""
+    task, metric = col.rsplit("/", 1)
+    return _num(((rec["results"].get(side) or {}).get("lm_eval") or {}).get(task, {}).get(f"{metric}_stderr"))
 
 
 def _scores(rec: dict[str, Any], side: str, ppl: list[str], acc: list[str]) -> dict[str, float]:
     head = rec["results"]["headline"]
     values, dense = head[side], head["dense"]
     row = {c: _num(values.get(c)) for c in ppl + acc}
+    row.update({f"{c} se": _stderr(rec, side, c) for c in acc})
     row["task_avg"] = _mean([row[c] for c in acc])
     row["retained_pct"] = _mean([100.0 * row[c] / _num(dense.get(c)) for c in acc if _num(dense.get(c)) > 0])
     return row
@@ -202,8 +214,10 @@ def build_table(records: list[dict[str, Any]], baseline: str | None = None) -> t
                      "train_seconds": _num((rec.get("compensation") or {}).get("train_seconds")),
                      "pruning_tokens": _pruning_tokens(rec)})
     pruned = pd.DataFrame(rows)
-    pruned = pruned.groupby(KEY, as_index=False).agg({c: ("sum" if c == "runs" else "mean")
-                                                      for c in pruned.columns if c not in KEY})
+    groups = pruned.groupby(KEY)
+    spread = groups[ppl].std(ddof=1).rename(columns=lambda c: f"{c} sd").reset_index()  # NaN for a single seed
+    pruned = groups.agg({c: ("sum" if c == "runs" else "mean") for c in pruned.columns if c not in KEY}).reset_index()
+    pruned = pruned.merge(spread, on=KEY)
 
     ref = pruned.groupby(["model", "prune_ratio"])["pruning_seconds"].transform("max")
     if baseline:
@@ -224,7 +238,8 @@ def build_table(records: list[dict[str, Any]], baseline: str | None = None) -> t
         dense_rows.append({"model": model, "prune_ratio": 0.0, "metric": DENSE, "compensation": "",
                            **_scores(mine[-1], "dense", ppl, acc)})
     table = pd.concat([pd.DataFrame(dense_rows), pruned], ignore_index=True)
-    table = table[KEY + ["runs"] + ppl + acc + SUMMARY].sort_values(KEY, ignore_index=True)
+    measures = [x for c in ppl for x in (c, f"{c} sd")] + [x for c in acc for x in (c, f"{c} se")]
+    table = table[KEY + ["runs"] + measures + SUMMARY].sort_values(KEY, ignore_index=True)
     return table.dropna(axis=1, how="all"), notes
 
 
@@ -240,6 +255,8 @@ def _cells(table: pd.DataFrame, na: str) -> list[list[str]]:
             return f"{int(round(v)):,}"
         if col.startswith("ppl@"):
             return f"{v:.2f}"
+        if col.endswith(" se"):
+            return f"{v:.3f}"
         if col in ("retained_pct", "pruning_seconds", "train_seconds"):
             return f"{v:.1f}"
         if col == "speedup":
@@ -248,11 +265,34 @@ def _cells(table: pd.DataFrame, na: str) -> list[list[str]]:
     return [[fmt(c, v) for c, v in zip(table.columns, row)] for row in table.itertuples(index=False)]
 
 
+SPREAD_SUFFIXES = (" sd", " se")
+
+
+def combined(table: pd.DataFrame, na: str = "–") -> tuple[list[str], list[list[str]]]:
+    """Column names and cells with each spread column folded into its value's cell: "97.42 ± 5.10"."""
+    cells = _cells(table, na)
+    cols = list(table.columns)
+    keep = [i for i, c in enumerate(cols) if not c.endswith(SPREAD_SUFFIXES)]
+    out = []
+    for row in cells:
+        new = []
+        for i in keep:
+            value = row[i]
+            for suffix in SPREAD_SUFFIXES:
+                j = cols.index(cols[i] + suffix) if cols[i] + suffix in cols else None
+                if j is not None and row[j] != na:
+                    value = f"{value} ± {row[j]}"
+            new.append(value)
+        out.append(new)
+    return [cols[i] for i in keep], out
+
+
 def to_markdown(table: pd.DataFrame) -> str:
-    heads = [HEADERS.get(c, c) for c in table.columns]
-    align = ["---" if c in KEY else "---:" for c in table.columns]  # numbers right-aligned
+    cols, cells = combined(table)
+    heads = [HEADERS.get(c, c) for c in cols]
+    align = ["---" if c in KEY else "---:" for c in cols]  # numbers right-aligned
     lines = ["| " + " | ".join(h.replace("|", "\\|") for h in heads) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(v.replace("|", "\\|") for v in row) + " |" for row in _cells(table, "–")]
+    lines += ["| " + " | ".join(v.replace("|", "\\|") for v in row) + " |" for row in cells]
     return "\n".join(lines) + "\n"
 
 
@@ -265,16 +305,17 @@ def _tex(s: str) -> str:
 
 
 def to_latex(table: pd.DataFrame) -> str:
-    """Booktabs tabular (needs \\usepackage{booktabs}); a rule between models."""
-    cols = "".join("l" if c in KEY else "r" for c in table.columns)
+    """Booktabs tabular (needs \\usepackage{booktabs}); a rule between models; spreads as "mean ± sd"."""
+    names, cells = combined(table, "--")
+    cols = "".join("l" if c in KEY else "r" for c in names)
     lines = ["% generated by experiments.report; needs \\usepackage{booktabs}", f"\\begin{{tabular}}{{{cols}}}",
-             "\\toprule", " & ".join(_tex(HEADERS.get(c, c)) for c in table.columns) + r" \\", "\\midrule"]
+             "\\toprule", " & ".join(_tex(HEADERS.get(c, c)) for c in names) + r" \\", "\\midrule"]
     previous = None
-    for model, row in zip(table["model"], _cells(table, "--")):
+    for model, row in zip(table["model"], cells):
         if previous is not None and model != previous:
             lines.append("\\midrule")
         previous = model
-        lines.append(" & ".join(_tex(v) for v in row) + r" \\")
+        lines.append(" & ".join(_tex(v).replace("±", r"$\pm$") for v in row) + r" \\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"
 
@@ -432,6 +473,29 @@ def log_to_wandb(table: pd.DataFrame, images: list[Path], group: str, out_dir: P
     run.finish()
 
 
+def protocol(records: list[dict[str, Any]]) -> str:
+    """What every number was measured on: held-out texts (corpus, split, tokens), calibration budgets, seeds, tasks."""
+    texts, budgets, seeds, tasks = {}, set(), set(), {}
+    for rec in records:
+        for name, t in (rec.get("heldout") or {}).items():
+            texts[name] = f"`{name}` ({t['corpus']} corpus, {t['split']} split, {t['tokens']:,} tokens)"
+        cal = rec.get("calibration") or {}
+        if cal:
+            budgets.add(f"{cal.get('num_samples')} x {cal.get('seq_len')} = {cal.get('tokens'):,} tokens "
+                        f"({cal.get('split', 'calib')} split)")
+        seeds.add(rec.get("config", {}).get("seed"))
+        lm = (rec.get("config", {}).get("eval") or {}).get("lm_eval") or {}
+        for task in lm.get("tasks") or []:
+            tasks.setdefault(task, set()).add(lm.get("limit"))
+    lines = ["Held-out text: " + ("; ".join(texts[k] for k in sorted(texts)) or "none recorded (old records)"),
+             "Calibration: " + ("; ".join(sorted(budgets)) or "?"),
+             "Seeds: " + ", ".join(str(s) for s in sorted(seeds, key=str))]
+    if tasks:
+        lines.append("Tasks: " + "; ".join(f"{t} ({', '.join('all' if n is None else f'{n} questions' for n in sorted(limits, key=str))})"
+                                         for t, limits in sorted(tasks.items())))
+    return "\n".join(f"- {line}" for line in lines)
+
+
 def write_report(sweep_dirs: list[str | Path], out_dir: str | Path, baseline: str | None = None,
                  use_wandb: bool = False) -> tuple[str, list[Path], list[str]]:
     """Load, tabulate, plot and write everything; returns (Markdown table, files written, notes)."""
@@ -442,9 +506,10 @@ def write_report(sweep_dirs: list[str | Path], out_dir: str | Path, baseline: st
     out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(table)
     sources = ", ".join(f"`{d}`" for d in sweep_dirs)
-    doc = (f"# Results\n\nFrom {len(records)} finished runs under {sources}. Columns: see `experiments/report.py`"
-           " (accuracy = acc_norm where available, else acc; retained % = mean over tasks of pruned/dense; "
-           f"speedup vs {baseline or 'the slowest method'} of the same model and ratio).\n\n{markdown}")
+    doc = (f"# Results\n\nFrom {len(records)} finished runs under {sources}.\n\n{protocol(records)}\n\n"
+           "Columns: see `experiments/report.py` (perplexity: mean ± standard deviation over seeds; accuracy = "
+           "acc_norm where available, else acc, ± lm-eval's standard error; retained % = mean over tasks of "
+           f"pruned/dense; speedup vs {baseline or 'the slowest method'} of the same model and ratio).\n\n{markdown}")
     if notes:
         doc += "\n## Notes\n\n" + "".join(f"- {n}\n" for n in notes)
     files = [out / "results.md", out / "results.csv", out / "results.tex"]

@@ -20,14 +20,15 @@ DENSE = {"ppl@128": 20.0, "task_a/acc": 0.5, "task_a/acc_norm": 0.6, "task_b/acc
 
 def write_record(root: Path, folder: str, metric: str, compensation: str, ratio: float, ppl: float,
                  a_norm: float, b_acc: float, seconds: float, finished: str = "2025-01-01T12:00:00+0000",
-                 status: str = "done", metric_cfg: dict | None = None) -> None:
+                 status: str = "done", metric_cfg: dict | None = None, seed: int = 0,
+                 a_norm_stderr: float | None = None) -> None:
     """A record.json as gradmap.runner writes it, reduced to what the report reads."""
     pruned = {"ppl@128": ppl, "task_a/acc": a_norm - 0.05, "task_a/acc_norm": a_norm, "task_b/acc": b_acc}
     rec = {
         "status": status, "finished": finished,
         "choices": {"model": MODEL, "metric": metric, "compensation": compensation, "calibration": "tiny",
                     "eval": "tiny", "logger": "none"},
-        "config": {"prune_ratio": ratio, "num_prune": None, "seed": 0, "metric": metric_cfg or {"name": metric},
+        "config": {"prune_ratio": ratio, "num_prune": None, "seed": seed, "metric": metric_cfg or {"name": metric},
                    "compensation": {"name": compensation}, "calibration": {"num_samples": 8}},
         "num_layers": 6, "num_prune": round(ratio * 6), "prune_ratio": ratio, "removed_layers": [2, 3],
         "selection": {"decisions": [{"step": 0, "scores": [6.0, 5.0, 1.0, 2.0, 4.0, None], "removed": [2]}]},
@@ -35,7 +36,11 @@ def write_record(root: Path, folder: str, metric: str, compensation: str, ratio:
         "pruning_seconds_original": seconds,
         "timings": {"pruning_seconds": 999.0, "cost": {"compensate": {"forward_tokens": 64, "backward_tokens": 0}}},
         "results": {"headline": {"dense": DENSE, "pruned": pruned}},
+        "heldout": {"wiki_test": {"corpus": "wiki", "split": "test", "tokens": 8192}},
+        "calibration": {"num_samples": 8, "seq_len": 128, "tokens": 1024, "split": "calib"},
     }
+    if a_norm_stderr is not None:
+        rec["results"]["pruned"] = {"lm_eval": {"task_a": {"acc_norm": a_norm, "acc_norm_stderr": a_norm_stderr}}}
     if status == "failed":
         rec = {k: rec[k] for k in ("status", "choices", "config")}
         rec["error"] = {"type": "RuntimeError", "message": "out of memory"}
@@ -172,3 +177,21 @@ def test_module_entry_point(sweep, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "r" / "results.md").exists()
+
+
+def test_seeds_are_averaged_with_their_spread(tmp_path):
+    root = tmp_path / "sweep"
+    for seed, (ppl, a_norm, se) in enumerate([(30.0, 0.40, 0.020), (40.0, 0.50, 0.022), (50.0, 0.60, 0.024)]):
+        write_record(root, f"{seed}_gradmap", "gradmap", "none", 0.25, ppl, a_norm, 0.3, 10.0, seed=seed,
+                     a_norm_stderr=se)
+    records, _ = load_records([root])
+    assert len(records) == 3  # one per seed, none dropped as duplicates
+    table, _ = build_table(records)
+    r = row(table, "gradmap", "none", 0.25)
+    assert r["runs"] == 3 and r["ppl@128"] == pytest.approx(40.0)
+    assert r["ppl@128 sd"] == pytest.approx(10.0)  # sample standard deviation over the 3 seeds
+    assert r["task_a/acc_norm"] == pytest.approx(0.5) and r["task_a/acc_norm se"] == pytest.approx(0.022)
+    markdown = to_markdown(table)
+    assert "40.00 ± 10.00" in markdown and "0.500 ± 0.022" in markdown
+    assert "sd" not in markdown.splitlines()[0]  # spread folded into the value's cell, not a column of its own
+    assert r"$\pm$" in to_latex(table)
