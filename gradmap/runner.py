@@ -66,7 +66,7 @@ def dense_cache_key(cfg: DictConfig) -> str:
                         "dtype": cfg.get("dtype"), "seed": cfg.seed, "v": 2})
 
 
-def _cache_root(cfg: DictConfig) -> Path:
+def cache_root_of(cfg: DictConfig) -> Path:
     from gradmap.assets import cache_root
 
     return Path(cfg.get("cache_dir") or cache_root())
@@ -225,7 +225,7 @@ class Run:
     def _select(self, model, metric, calib, n):
         """Score and choose layers, reusing the selection cache (see gradmap.cache) where it applies."""
         cfg, rec = self.cfg, self.record
-        cache = SelectionCache(_cache_root(cfg)) if cfg.get("cache_selection", True) else None
+        cache = SelectionCache(cache_root_of(cfg)) if cfg.get("cache_selection", True) else None
         key = selection_key(cfg)
         cached, complete = cache.lookup(key, metric, n) if cache else (None, False)
         with self.recorder.stage("score", model) as cost:
@@ -256,7 +256,7 @@ class Run:
         """Selection and compensation in one loop (the selection depends on the compensation): cached under a key
         that includes the compensation config; cached decisions are replayed (removal and fold, no rescoring)."""
         cfg, rec = self.cfg, self.record
-        cache = SelectionCache(_cache_root(cfg)) if cfg.get("cache_selection", True) else None
+        cache = SelectionCache(cache_root_of(cfg)) if cfg.get("cache_selection", True) else None
         key = stable_hash({"selection": selection_key(cfg), "v": 1,
                            "compensation": OmegaConf.to_container(cfg.compensation, resolve=True)})
         reuse = SimpleNamespace(reuse=compensation.selection_reuse(metric))
@@ -290,7 +290,7 @@ class Run:
 
     def _dense_results(self, model, tokenizer, heldout) -> dict[str, Any]:
         cfg = self.cfg
-        cache_file = _cache_root(cfg) / "dense_eval" / f"{dense_cache_key(cfg)}.json"
+        cache_file = cache_root_of(cfg) / "dense_eval" / f"{dense_cache_key(cfg)}.json"
         cached = read_json_entry(cache_file) if cfg.eval.get("cache_dense", True) else None
         if cached is not None and "results" in cached:
             self.record["dense_from_cache"] = str(cache_file)
