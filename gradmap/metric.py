@@ -85,7 +85,8 @@ def count_forward_tokens(model: nn.Module, cost: Cost) -> Iterator[Cost]:
 
 @dataclass
 class Decision:
-    """One pruning decision: the scores it was based on (indexed by original layer; None = already removed)."""
+    """One pruning decision: the scores it was based on (indexed by original layer; None = already removed, or not
+    measured by a metric that scores only some layers)."""
 
     step: int
     scores: list[float | None]
@@ -94,6 +95,23 @@ class Decision:
     score_seconds: float = 0.0  # the scoring pass(es) alone
     forward_tokens: int = 0  # cost of this decision (counted when the runner's token hook is active)
     backward_tokens: int = 0
+    # Screen-then-verify metrics only (gradmap_verify). Left out of `as_dict` at their defaults, so other metrics'
+    # records are unchanged, and older cached entries (without them) still load.
+    gradient_scores: list[float | None] | None = None  # the screening (GradMAP) scores; None: no screening pass
+    verified: list[int] = field(default_factory=list)  # layers measured exactly (their values are in `scores`)
+    verify_seconds: float = 0.0  # part of score_seconds spent verifying
+    verify_forward_tokens: int = 0  # part of forward_tokens spent verifying
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        for f in _OPTIONAL_DECISION_FIELDS:
+            if out[f] == _OPTIONAL_DECISION_FIELDS[f]:
+                del out[f]
+        return out
+
+
+_OPTIONAL_DECISION_FIELDS = {"gradient_scores": None, "verified": [], "verify_seconds": 0.0,
+                             "verify_forward_tokens": 0}
 
 
 @dataclass
@@ -103,7 +121,7 @@ class Selection:
 
     def as_dict(self) -> dict:
         return {"removed": sorted(self.removed), "removal_order": list(self.removed),
-                "decisions": [asdict(d) for d in self.decisions]}
+                "decisions": [d.as_dict() for d in self.decisions]}
 
     @classmethod
     def from_dict(cls, d: dict) -> Selection:
