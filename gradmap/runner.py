@@ -110,6 +110,17 @@ def plot_scores(decisions: list[dict[str, Any]], path: Path, title: str) -> Path
     return path
 
 
+def original_scoring(metric, selection) -> dict[str, Any]:
+    """What the selection cost when it was computed (cached decisions keep their own cost); a metric with phases
+    (gradmap_verify: gradient screening, then exact verification) adds their split from its `cost_split`."""
+    out = {"seconds": selection.seconds, "score_seconds": sum(d.score_seconds for d in selection.decisions),
+           **selection.cost}
+    split = getattr(metric, "cost_split", None)
+    if callable(split):
+        out["split"] = split(selection)
+    return out
+
+
 class Run:
     """State of one job, so a failure at any stage still leaves a complete record."""
 
@@ -247,9 +258,7 @@ class Run:
         rec["selection_source"] = source
         rec["selection_cache_key"] = key
         # What scoring cost when it was actually computed (the basis for speed comparisons across a sweep).
-        rec["original_scoring"] = {"seconds": selection.seconds,
-                                   "score_seconds": sum(d.score_seconds for d in selection.decisions),
-                                   **selection.cost}
+        rec["original_scoring"] = original_scoring(metric, selection)
         return selection
 
     def _prune_interleaved(self, model, metric, compensation, calib, n):
@@ -278,9 +287,7 @@ class Run:
             cache.store(key, n, selection, {"model": self.choices.get("model"), "metric": self.choices.get("metric"),
                                             "compensation": self.choices.get("compensation")})
         rec.update(selection_source=source, selection_cache_key=key,
-                   original_scoring={"seconds": selection.seconds,
-                                     "score_seconds": sum(d.score_seconds for d in selection.decisions),
-                                     **selection.cost})
+                   original_scoring=original_scoring(metric, selection))
         return selection, report
 
     def _fail(self, err: BaseException, traceback_text: str | None) -> None:
@@ -317,6 +324,9 @@ def summary_table(rec: dict[str, Any]) -> str:
         f"pruning cost: {t['pruning_cost']['forward_tokens']} forward + {t['pruning_cost']['backward_tokens']} "
         f"backward tokens",
     ]
+    for phase, c in (rec.get("original_scoring") or {}).get("split", {}).items():
+        lines.append(f"  {phase}: {c['passes']} passes, {c['seconds']:.1f}s, {c['forward_tokens']} forward + "
+                     f"{c['backward_tokens']} backward tokens (when computed)")
     heads = rec["results"]["headline"]
     kept = rec["results"]["retained_pct"]
     lines.append(f"{'metric':<32}{'dense':>12}{'pruned':>12}{'retained %':>12}")
