@@ -108,24 +108,44 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+# Config keys that never make a variant: `calibration.seed` interpolates the run's `seed`, the axis the table
+# averages over (labelling by it would give every seed a row of its own).
+LABEL_IGNORE = ("calibration.seed",)
+
+
+def label_variants(records: list[dict[str, Any]], field: str, sections: tuple[str, ...],
+                   ignore: tuple[str, ...] = LABEL_IGNORE) -> list[str]:
+    """Label of each record for config group `field`: its Hydra choice plus `[key=value, ...]` for the keys of the
+    config `sections` whose values differ between records with the same choice (keys of `field` itself shown
+    unprefixed, others as `section.key`). `ignore`: full config paths (`calibration.seed`) never shown."""
+    flats = []
+    for rec in records:
+        flat = {}
+        for s in sections:
+            for k, v in _flatten(rec["config"].get(s) or {}).items():
+                if f"{s}.{k}" not in ignore:
+                    flat[k if s == field else f"{s}.{k}"] = v
+        flats.append(flat)
+    groups: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for rec, flat in zip(records, flats):
+        groups[_choice(rec, field)].append(flat)
+    labels = []
+    for rec, flat in zip(records, flats):
+        group = groups[_choice(rec, field)]
+        varying = sorted(k for k in set().union(*group) if len({g.get(k) for g in group}) > 1)
+        extra = ", ".join(f"{k}={flat.get(k)}" for k in varying)
+        labels.append(_choice(rec, field) + (f" [{extra}]" if extra else ""))
+    return labels
+
+
 def _label_variants(records: list[dict[str, Any]]) -> None:
     """Label each record's metric/compensation by its Hydra choice plus the config values that set it apart from
     other records with the same choice, so distinct configurations never share a row or count as duplicates
     (e.g. the GradMAP ablation sweeps metric.reduction and calibration.num_samples under metric=gradmap)."""
-    for rec in records:
-        rec["_labels"] = {}
-    for field, sections in (("metric", ("metric", "calibration")), ("compensation", ("compensation",))):
-        flats = [{k: v for s in sections
-                  for k, v in _flatten(rec["config"].get(s) or {}, "" if s == field else f"{s}.").items()}
-                 for rec in records]
-        groups: dict[str, list[dict[str, str]]] = defaultdict(list)
-        for rec, flat in zip(records, flats):
-            groups[_choice(rec, field)].append(flat)
-        for rec, flat in zip(records, flats):
-            group = groups[_choice(rec, field)]
-            varying = sorted(k for k in set().union(*group) if len({g.get(k) for g in group}) > 1)
-            extra = ", ".join(f"{k}={flat.get(k)}" for k in varying)
-            rec["_labels"][field] = _choice(rec, field) + (f" [{extra}]" if extra else "")
+    metric = label_variants(records, "metric", ("metric", "calibration"))
+    compensation = label_variants(records, "compensation", ("compensation",))
+    for rec, m, c in zip(records, metric, compensation):
+        rec["_labels"] = {"metric": m, "compensation": c}
 
 
 def _choice(rec: dict[str, Any], group: str) -> str:

@@ -195,3 +195,17 @@ def test_seeds_are_averaged_with_their_spread(tmp_path):
     assert "40.00 ± 10.00" in markdown and "0.500 ± 0.022" in markdown
     assert "sd" not in markdown.splitlines()[0]  # spread folded into the value's cell, not a column of its own
     assert r"$\pm$" in to_latex(table)
+
+
+def test_calibration_seed_does_not_split_the_seeds(tmp_path):
+    """The runner records `calibration.seed` (it interpolates `${seed}`): it is the seed axis that the table averages
+    over, not a metric variant, so three seeds are one row of runs=3 (a multi-seed sweep used to give three rows)."""
+    for seed, ppl in enumerate([30.0, 40.0, 50.0]):
+        write_record(tmp_path, f"{seed}", "gradmap", "none", 0.25, ppl, 0.4, 0.3, 10.0, seed=seed)
+        path = tmp_path / f"{seed}" / "record.json"
+        rec = json.loads(path.read_text())
+        rec["config"]["calibration"] = {"num_samples": 8, "seq_len": 128, "seed": seed}
+        path.write_text(json.dumps(rec))
+    table, _ = build_table(load_records([tmp_path])[0])
+    r = row(table, "gradmap", "none", 0.25)
+    assert r["runs"] == 3 and r["ppl@128"] == pytest.approx(40.0)
