@@ -81,6 +81,12 @@ def cli() -> int:
             raise
         print(f"[gradmap] error: {hydra_error_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # Hydra could not create or write the output folder
+        if user_wants_traces:
+            raise
+        key = "hydra.sweep.dir" if any(a in ("-m", "--multirun") for a in sys.argv[1:]) else "hydra.run.dir"
+        print(f"[gradmap] error: {key}: the output folder cannot be written ({err})", file=sys.stderr)
+        return 2
     summary = gradmap.sweep.LAST_SUMMARY
     if summary is not None and summary.failed:
         return 1

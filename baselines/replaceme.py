@@ -56,9 +56,10 @@ class ReplaceMe(ProjectionCompensation):
         d = model.get_input_embeddings().weight.shape[-1]
         if self.alpha == 0 and num_tokens < d:
             # M^T M (d x d) is singular with fewer tokens than dimensions; plain LS has no unique solution then.
-            raise ConfigError("alpha", self.alpha, f"alpha > 0, or at least hidden_size={d} calibration tokens",
-                              problem=f"replaceme with alpha=0 needs at least hidden_size={d} calibration tokens, "
-                                      f"got {num_tokens}; use more calibration data or compensation.alpha > 0")
+            raise ConfigError("alpha", self.alpha, f"alpha > 0, or at least hidden_size={d} calibration tokens "
+                              f"(calibration.num_samples x calibration.seq_len)",
+                              problem=f"plain least squares (alpha=0) needs at least hidden_size={d} calibration "
+                                      f"tokens, got {num_tokens}")
 
     def apply(self, model: nn.Module, removed: Mapping[int, nn.Module], calib: Calibration,
               cost: Cost) -> dict[str, Any]:

@@ -24,7 +24,9 @@ def _umask() -> int:
     return mask
 
 
-FILE_MODE = 0o666 & ~_umask()
+def file_mode() -> int:
+    """What `open()` would give a new file: 0666 minus the process's umask (read at each write: it may change)."""
+    return 0o666 & ~_umask()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -33,7 +35,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, FILE_MODE)
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -146,7 +146,8 @@ class JobRecord:
         if last is not None and state is True and last.get("pid") != os.getpid():
             self.writable = False
             raise ConfigError("hydra.run.dir", str(self.out_dir), "another output folder, or wait for it to finish",
-                              problem=f"this job is running in process {last['pid']} (started {last.get('started')})")
+                              problem=f"this job is running in process {last['pid']}"
+                                      + (f" (started {last['started']})" if last.get("started") else ""))
         if state is None and not force:
             self.writable = False
             raise ConfigError("hydra.run.dir", str(self.out_dir), "force=true to take it over if that process is gone",

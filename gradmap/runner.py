@@ -127,7 +127,16 @@ class Run:
 
     def _execute(self) -> dict[str, Any]:
         cfg, rec, stage, checked = self.cfg, self.record, self.recorder.stage, self.checked
-        self.logger = logger = make_logger(cfg.logger, cfg, self.out_dir, self.choices)
+        try:
+            self.logger = logger = make_logger(cfg.logger, cfg, self.out_dir, self.choices)
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001  (W&B cannot start: no login, no network, a bad project name)
+            kind = cfg.logger.get("kind")
+            raise ConfigError("logger", kind, problem=f"the {kind} logger cannot start ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())[:200]})",
+                              hint="logger.mode=offline mirrors W&B without a login; logger=none turns it off") \
+                from err
         self.save()
         seed_everything(cfg.seed)
         device = checked.device

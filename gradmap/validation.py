@@ -363,9 +363,10 @@ def num_to_prune(num_layers: int, prune_ratio: float | None, num_prune: int | No
         n = math.floor(float(prune_ratio) * num_layers + 0.5)
         key, value = "prune_ratio", prune_ratio
     if not 0 < n < num_layers:
-        raise ConfigError(key, value, f"1..{num_layers - 1} layers",
-                          problem=f"removing {n} of {num_layers} layers is not possible (prune_ratio={prune_ratio}, "
-                                  f"num_prune={num_prune})")
+        how = "" if num_prune is not None else f" (floor({prune_ratio} x {num_layers} + 0.5))"
+        raise ConfigError(key, value, f"1..{num_layers - 1} layers" if num_prune is not None else
+                          f"a ratio that removes 1..{num_layers - 1} of {num_layers} layers",
+                          problem=f"removing {n} of {num_layers} layers is not possible{how}")
     return n
 
 
@@ -431,19 +432,22 @@ def asset_command(cache: Path, *args: str) -> str:
     return f"{env}python -m gradmap.assets {' '.join(args)}".strip()
 
 
-def check_asset(key: str, name: str, cache: Path) -> Path:
-    """The folder of a built, intact offline asset in `cache`, or ConfigError saying the command that builds it."""
+def check_asset(key: str, name: str, cache: Path, value: Any = _UNSET) -> Path:
+    """The folder of a built, intact offline asset in `cache`, or ConfigError saying the command that builds it.
+    `value`: the config value that made the run need the asset (default: the asset's name)."""
     from gradmap import assets
 
+    value = name if value is _UNSET else value
     if name not in assets.ASSETS:
-        raise ConfigError(key, name, sorted(assets.ASSETS), problem="no such offline asset")
+        raise ConfigError(key, value, sorted(assets.ASSETS), problem="no such offline asset")
     folder = Path(cache) / name
+    what = "the offline asset" if value == name else f"the offline asset {name!r} it reads"
     if not assets.is_complete(name, root=cache):
-        raise ConfigError(key, name, problem=f"the offline asset is not built in {cache}",
+        raise ConfigError(key, value, problem=f"{what} is not built in {cache}",
                           hint=f"build it with: {asset_command(cache, name)}")
     problems = assets.quick_verify(name, root=cache, weights_sha256=True)
     if problems:
-        raise ConfigError(key, name, problem=f"the offline asset in {folder} is corrupt ({problems[0]})",
+        raise ConfigError(key, value, problem=f"{what} in {folder} is corrupt ({problems[0]})",
                           hint=f"rebuild it with: {asset_command(cache, '--rebuild', name)}")
     return folder
 
@@ -541,7 +545,7 @@ def check_calibration(calib: Mapping[str, Any], cache: Path) -> None:
         if calib.get("path") is not None:
             check_file("calibration.path", calib["path"])
         else:
-            check_asset("calibration.source", "wiki", cache)
+            check_asset("calibration.source", "wiki", cache, value=calib["source"])
     elif calib.get("dataset") is None:
         raise ConfigError("calibration.dataset", problem="missing (source=hub)", allowed=", ".join(HUB_DATASETS))
 
@@ -580,10 +584,6 @@ def check_eval(ev: Mapping[str, Any], tuning: bool, cache: Path) -> None:
     if seq_lens and not texts:
         raise ConfigError("eval.perplexity.seq_lens", seq_lens, "[] when eval.heldout.texts is empty",
                           problem="no held-out text to evaluate")
-    max_tokens = ev["heldout"]["max_tokens"]
-    if max_tokens is not None and seq_lens and max_tokens < max(seq_lens):
-        raise ConfigError("eval.heldout.max_tokens", max_tokens, f"at least max(eval.perplexity.seq_lens) = "
-                          f"{max(seq_lens)}, or null", problem="fewer tokens than one perplexity window")
     lm = ev["lm_eval"]
     check_node("eval.lm_eval", lm, LmEvalSchema)
     limit = lm["limit"]
@@ -610,7 +610,7 @@ def check_eval(ev: Mapping[str, Any], tuning: bool, cache: Path) -> None:
                 check_file(f"eval.lm_eval.local_tasks.{task}.data", spec["data"])
             else:
                 check_asset(f"eval.lm_eval.local_tasks.{task}.data", spec.get("asset", task.removesuffix("_bigbench")),
-                            cache)
+                            cache, value=None)
     unknown = [t for t in lm["tasks"] if t not in local and not lm_eval_task_known(t)]
     if unknown:
         raise ConfigError("eval.lm_eval.tasks", unknown, "task names of lm-eval (`lm-eval ls tasks`) or of "
@@ -684,15 +684,21 @@ def check_model(model: Mapping[str, Any]) -> None:
 
 
 def check_lengths(cfg: Mapping[str, Any], info: ModelInfo) -> None:
-    """Window lengths against the model's maximum positions."""
-    if info.max_positions is None:
-        return
-    limit = f"2..{info.max_positions} (the model's maximum positions)"
-    if cfg["calibration"]["seq_len"] > info.max_positions:
-        raise ConfigError("calibration.seq_len", cfg["calibration"]["seq_len"], limit, problem="longer than the model allows")
-    for i, seq_len in enumerate(cfg["eval"]["perplexity"]["seq_lens"]):
-        if seq_len > info.max_positions:
-            raise ConfigError(f"eval.perplexity.seq_lens[{i}]", seq_len, limit, problem="longer than the model allows")
+    """Window lengths against the model's maximum positions, and the held-out budget against the windows."""
+    seq_lens = cfg["eval"]["perplexity"]["seq_lens"]
+    if info.max_positions is not None:
+        limit = f"2..{info.max_positions} (the model's maximum positions)"
+        if cfg["calibration"]["seq_len"] > info.max_positions:
+            raise ConfigError("calibration.seq_len", cfg["calibration"]["seq_len"], limit,
+                              problem="longer than the model allows")
+        for i, seq_len in enumerate(seq_lens):
+            if seq_len > info.max_positions:
+                raise ConfigError(f"eval.perplexity.seq_lens[{i}]", seq_len, limit,
+                                  problem="longer than the model allows")
+    max_tokens = cfg["eval"]["heldout"]["max_tokens"]
+    if max_tokens is not None and seq_lens and max_tokens < max(seq_lens):
+        raise ConfigError("eval.heldout.max_tokens", max_tokens, f"at least max(eval.perplexity.seq_lens) = "
+                          f"{max(seq_lens)}, or null", problem="fewer tokens than one perplexity window")
 
 
 def check_device(device: str, dtype: str, device_map: Any) -> str:
@@ -822,7 +828,9 @@ def resolve(cfg: Any) -> dict[str, Any]:
         return OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "config"
-        raise ConfigError(str(key), problem=f"cannot be resolved ({one_line(getattr(err, 'msg', err))})",
+        msg = " ".join(line for line in str(getattr(err, "msg", err)).splitlines()
+                       if not line.strip().startswith(("full_key:", "object_type=")))
+        raise ConfigError(str(key), problem=f"cannot be resolved ({one_line(msg)})",
                           allowed="a value or a resolvable ${...} interpolation") from err
 
 
