@@ -20,7 +20,7 @@ import torch
 
 from gradmap.metric import Calibration
 from gradmap.validation import CALIBRATION_SOURCES as SOURCES
-from gradmap.validation import HELDOUT_CORPORA, HUB_DATASETS, TEST_SPLIT, ConfigError  # noqa: F401
+from gradmap.validation import HELDOUT_CORPORA, HUB_DATASETS, TEST_SPLIT, ConfigError, brief  # noqa: F401
 # Draws of a document shorter than a window before giving up (only reachable when almost every text is short).
 _MAX_SHORT_DRAWS = 10_000
 
@@ -143,7 +143,7 @@ def load_calibration(cfg: Any, tokenizer: Any) -> Calibration:
             texts = [t for t in _hub_texts(dataset, "train") if t.strip()]
         except Exception as err:  # noqa: BLE001  (no network, no datasets cache)
             raise ConfigError("calibration.dataset", dataset, problem=f"cannot be read from the hub "
-                              f"({type(err).__name__}: {' '.join(str(err).split())[:200]})",
+                              f"({brief(err)})",
                               hint="check network access or the datasets cache (HF_DATASETS_OFFLINE)") from err
     input_ids = sample_windows(texts, tokenizer, int(_get(cfg, "num_samples", 128)), int(_get(cfg, "seq_len", 2048)),
                                int(_get(cfg, "seed", 0)))

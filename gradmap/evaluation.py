@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradmap.models import model_device
-from gradmap.validation import TASKS_DIR, ConfigError
+from gradmap.validation import TASKS_DIR, ConfigError, brief
 
 DATA_PLACEHOLDER = "__DATA_FILE__"
 # lm-eval computes the stderr of `mean` metrics in closed form whenever bootstrap_iters > 0 (0 disables stderr
@@ -218,7 +218,7 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: list[str], batch_size: 
             log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS)
     except OSError as err:  # a task's dataset cannot be downloaded or read (no network, no datasets cache)
         raise ConfigError("eval.lm_eval.tasks", tasks, problem=f"lm-eval could not load a task's data "
-                          f"({type(err).__name__}: {' '.join(str(err).split())[:200]})",
+                          f"({brief(err)})",
                           hint="check network access or the datasets cache (HF_DATASETS_OFFLINE)") from err
     finally:
         model.eval()

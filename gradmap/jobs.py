@@ -28,10 +28,21 @@ from pathlib import Path
 from typing import Any
 
 from gradmap.files import atomic_write_json, move_aside, read_json
-from gradmap.validation import ConfigError, one_line, resolve
+from gradmap.validation import ConfigError, brief, one_line, resolve
 
 RECORD = "record.json"
 SWEEP_ENV = "GRADMAP_SWEEP_ID"  # set by gradmap.sweep.SweepSummary for the jobs of one sweep
+# Keys that say how to run a job, not what it computes: a finished job is skipped whatever their values (so a
+# record written before `save_overwrite` existed still counts as the same job).
+RUN_ONLY_KEYS = ("force", "save_overwrite")
+
+
+def same_job(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two resolved configs describe the same computation."""
+    def strip(c: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in c.items() if k not in RUN_ONLY_KEYS}
+
+    return isinstance(a, dict) and isinstance(b, dict) and strip(a) == strip(b)
 
 
 def now() -> str:
@@ -166,7 +177,7 @@ class JobRecord:
 
     def finished(self, resolved: dict[str, Any]) -> dict[str, Any] | None:
         prev = self.previous
-        if prev and prev.get("status") == "done" and prev.get("config") == resolved:
+        if prev and prev.get("status") == "done" and same_job(prev.get("config"), resolved):
             return prev
         return None
 
@@ -284,7 +295,7 @@ def run_job(cfg: Any, out_dir: str | Path, choices: dict[str, str] | None = None
             if raise_errors:
                 raise fault from err
             return JobResult("failed", 2, str(fault), job.record)
-        line = f"{type(err).__name__}: {one_line(err)[:300]} (unexpected; the traceback is in {job.path})"
+        line = f"{brief(err, 300)} (unexpected; the traceback is in {job.path})"
         job.end("failed", reason=line, error=_error_dict(err, tb))
         if raise_errors:
             raise

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradmap.validation import DTYPE_ALIASES, MODEL_SOURCES, ConfigError
+from gradmap.validation import DTYPE_ALIASES, MODEL_SOURCES, ConfigError, brief
 
 DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_ALIASES.items()}
 SOURCES = MODEL_SOURCES
@@ -104,7 +104,7 @@ def load_model(cfg: Any) -> tuple[nn.Module, Any]:
         hint = ("check it with: python -m gradmap.assets --verify; rebuild it with: python -m gradmap.assets "
                 f"--rebuild {cfg.asset}") if source == "offline" else "check the name and network access"
         raise ConfigError(key, cfg.get(key.split(".")[1]), problem=f"the model cannot be loaded from {path} "
-                          f"({type(err).__name__}: {' '.join(str(err).split())[:300]})", hint=hint) from err
+                          f"({brief(err)})", hint=hint) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

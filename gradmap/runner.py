@@ -33,7 +33,7 @@ from gradmap.loggers import make_logger
 from gradmap.metric import Cost
 from gradmap.models import load_model, resolve_device, resolve_dtype
 from gradmap.record import StageRecorder, atomic_write_json, atomic_write_text, environment, stable_hash
-from gradmap.validation import GROUPS, Checked, ConfigError, num_to_prune  # noqa: F401  (num_to_prune re-exported)
+from gradmap.validation import GROUPS, Checked, ConfigError, brief, num_to_prune  # noqa: F401  (num_to_prune re-exported)
 
 
 def seed_everything(seed: int) -> None:
@@ -133,8 +133,7 @@ class Run:
             raise
         except Exception as err:  # noqa: BLE001  (W&B cannot start: no login, no network, a bad project name)
             kind = cfg.logger.get("kind")
-            raise ConfigError("logger", kind, problem=f"the {kind} logger cannot start ({type(err).__name__}: "
-                              f"{' '.join(str(err).split())[:200]})",
+            raise ConfigError("logger", kind, problem=f"the {kind} logger cannot start ({brief(err)})",
                               hint="logger.mode=offline mirrors W&B without a login; logger=none turns it off") \
                 from err
         self.save()
@@ -356,8 +355,8 @@ def save_checkpoint(model, tokenizer, save_dir: str, info: dict[str, Any], overw
         raise
     except Exception as err:  # noqa: BLE001  (disk full, permissions, a serialisation error)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ConfigError("save_dir", save_dir, problem=f"writing the checkpoint failed ({type(err).__name__}: "
-                          f"{' '.join(str(err).split())[:200]}); nothing was left at {final}",
+        raise ConfigError("save_dir", save_dir, problem=f"writing the checkpoint failed ({brief(err)}); nothing was "
+                          f"left at {final}",
                           hint="the results are in record.json; fix the cause and rerun with force=true") from err
     return final
 

@@ -75,6 +75,15 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def brief(err: BaseException, limit: int = 240) -> str:
+    """`Type: message` of an exception in one line, cut at a sentence end where it is too long."""
+    text = one_line(err)
+    if len(text) > limit:
+        cut = text.rfind(". ", 0, limit)
+        text = text[:cut + 1] if cut > limit // 3 else text[:limit - 3] + "..."
+    return f"{type(err).__name__}: {text}"
+
+
 class ConfigError(ValueError):
     """A run refused because of a bad value or a fault the user can fix: the key, the value, what is allowed.
 
@@ -406,12 +415,18 @@ def model_info(model_cfg: Mapping[str, Any], cache: Path) -> ModelInfo:
                               hint=f"rebuild it with: {asset_command(cache, '--rebuild', model_cfg['asset'])}") from err
     else:
         try:
+            from huggingface_hub.utils import logging as hub_logging
             from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(model_cfg["pretrained"]).to_dict()
+            verbosity = hub_logging.get_verbosity()
+            hub_logging.set_verbosity_error()  # its retry warnings would break the one-line error
+            try:
+                config = AutoConfig.from_pretrained(model_cfg["pretrained"]).to_dict()
+            finally:
+                hub_logging.set_verbosity(verbosity)
         except Exception as err:  # noqa: BLE001  (network, typo, gated model: all mean "cannot read it")
             raise ConfigError("model.pretrained", model_cfg["pretrained"],
-                              problem=f"its config cannot be read ({type(err).__name__}: {one_line(err)[:200]})",
+                              problem=f"its config cannot be read ({brief(err)})",
                               hint="check the name, network access or the Hugging Face cache (HF_HUB_OFFLINE), "
                                    "and `huggingface-cli login` for gated models") from err
         folder = None
@@ -745,7 +760,7 @@ def _class_of(group: str, node: Mapping[str, Any]) -> Any:
     except Exception as err:  # noqa: BLE001
         cause = err.__cause__ or err
         raise ConfigError(f"{group}._target_", target, f"an importable class (see conf/{group}/*.yaml)",
-                          problem=f"cannot be imported ({type(cause).__name__}: {one_line(cause)[:160]})") from err
+                          problem=f"cannot be imported ({brief(cause, 160)})") from err
 
 
 def check_component(group: str, node: Mapping[str, Any]) -> Any:
@@ -781,7 +796,7 @@ def check_component(group: str, node: Mapping[str, Any]) -> Any:
         cause = err.__cause__ or err
         if isinstance(cause, ConfigError):
             raise cause.relabel(prefix=group) from err
-        raise ConfigError(group, node.get("_target_"), problem=f"{type(cause).__name__}: {one_line(cause)[:200]}") \
+        raise ConfigError(group, node.get("_target_"), problem=brief(cause)) \
             from err
     except ConfigError as err:
         raise err.relabel(prefix=group)

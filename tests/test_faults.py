@@ -421,3 +421,18 @@ def test_manifest_is_written_at_build_time(tmp_path, monkeypatch):
     (folder / "test.jsonl").write_text('{"text": "y"}\n')  # same size, other bytes
     problems, _ = assets.verify("social_iqa")
     assert problems and "sha256" in problems[0]
+
+
+def test_a_finished_job_is_skipped_whatever_the_run_only_keys(tmp_path):
+    """`force` and `save_overwrite` say how to run, not what: a record made before `save_overwrite` existed, or
+    with force=true, still counts as the same finished job."""
+    out = tmp_path / "job"
+    first = run(make_cfg(tmp_path, "num_prune=1", "force=true"), out, CHOICES)
+    rec = _record(out)
+    del rec["config"]["save_overwrite"]  # as written by the previous version
+    (out / "record.json").write_text(json.dumps(rec))
+    again = run(make_cfg(tmp_path, "num_prune=1"), out, CHOICES)
+    assert len(again["reruns_skipped"]) == 1 and again["removed_layers"] == first["removed_layers"]
+    assert [a["status"] for a in again["attempts"]] == ["done", "skipped"]
+    changed = run(make_cfg(tmp_path, "num_prune=2"), out, CHOICES)  # another computation: rerun
+    assert "reruns_skipped" not in changed and len(changed["removed_layers"]) == 2
