@@ -12,9 +12,11 @@ live in `conf/` only). The schema of a metric or compensation is its class: the 
 parameters of the class's `__init__`, with the annotated types, and the class's own constructor checks the ranges
 and choices (raising `ConfigError` with the parameter as key).
 
-Order: checks that need no heavy import run first (a refused run costs well under a second), then those that import
+Order: checks that need no heavy import run first (a refused run costs about half a second): keys, types, ranges,
+files, assets, save and cache folders, lm-eval task names (a text scan of lm-eval's task YAMLs; lm-eval's own index,
+~15 s, only for a name the scan does not find), the model's layer count and maximum positions; then those that import
 torch (device, metric and compensation classes), then transformers (a meta-device model for the compensation's
-compatibility check), then lm-eval's task index (only for tasks it must look up).
+compatibility check).
 
 This module is also where the allowed values of the plain config keys live (dtypes, sources, corpora, logger kinds),
 so the check does not import the modules that use them.
