@@ -13,6 +13,7 @@ import io
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from gradmap import surgery
 from gradmap.assets import use_cache_root
@@ -223,6 +225,9 @@ class Run:
 
         def on_decision(decision) -> None:
             logged.add(decision.step)
+            # One line per decision in logs too (bars are terminal-only); tqdm.write keeps a terminal's bars intact.
+            tqdm.write(f"[gradmap] decision {decision.step}: removed {decision.removed} (scored in "
+                       f"{decision.score_seconds:.1f}s)", file=sys.stdout)
             try:
                 self.logger.log_decision(decision)
             except Exception as err:  # noqa: BLE001  (the mirror must not fail the run)

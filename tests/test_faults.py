@@ -324,7 +324,7 @@ def test_progress_bars_on_a_terminal_and_silent_in_logs(monkeypatch):
     assert pipe.getvalue() == ""
 
 
-def test_each_decision_is_logged_as_it_happens(tmp_path, monkeypatch):
+def test_each_decision_is_logged_as_it_happens(tmp_path, monkeypatch, capsys):
     import gradmap.runner
 
     events = []
@@ -344,6 +344,9 @@ def test_each_decision_is_logged_as_it_happens(tmp_path, monkeypatch):
     assert events[:2] == [("decision", 0, [rec["selection"]["removal_order"][0]], False),
                           ("decision", 1, [rec["selection"]["removal_order"][1]], False)]
     assert events[2:] == [("run",), ("finish", "done")]
+    out = capsys.readouterr().out  # and one line per decision in the log
+    assert f"[gradmap] decision 0: removed [{rec['selection']['removal_order'][0]}]" in out
+    assert f"[gradmap] decision 1: removed [{rec['selection']['removal_order'][1]}]" in out
     # A cached selection is logged too, marked as such.
     events.clear()
     run(make_cfg(tmp_path, "num_prune=2"), tmp_path / "job2", CHOICES)
