@@ -140,7 +140,7 @@ class Run:
                 from err
         self.save()
         seed_everything(cfg.seed)
-        device = checked.device
+        device = resolve_device(checked.device)
         with stage("load"):
             model_cfg = cfg.model if cfg.get("dtype") is None else OmegaConf.merge(cfg.model, {"dtype": cfg.dtype})
             model, tokenizer = load_model(model_cfg)
