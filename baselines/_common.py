@@ -13,8 +13,9 @@ from torch import nn
 
 from gradmap import surgery
 from gradmap.capture import layer_io
-from gradmap.metric import Calibration, Cost, Decision, LayerMetric, Selection
+from gradmap.metric import Calibration, Cost, Decision, DecisionCallback, LayerMetric, Selection
 from gradmap.models import model_device
+from gradmap.validation import ConfigError
 
 ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TOKENS = ("all", "last")
@@ -26,13 +27,13 @@ FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "m
 
 def resolve_accum_dtype(name: str) -> torch.dtype:
     if name not in ACCUM_DTYPES:
-        raise ValueError(f"accum_dtype={name!r} is not valid; allowed: {list(ACCUM_DTYPES)}")
+        raise ConfigError("accum_dtype", name, list(ACCUM_DTYPES))
     return ACCUM_DTYPES[name]
 
 
 def check_choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        raise ValueError(f"{option}={value!r} is not valid; allowed: {list(allowed)}")
+        raise ConfigError(option, value, list(allowed))
     return value
 
 
@@ -165,20 +166,28 @@ class SpanMetric(LayerMetric):
         return state_distances(model, calib, [(i, i + 1) for i in range(n)], self.tokens, self.dtype,
                                self.per_token, self.last_state)
 
+    def span_starts(self, original_count: int, num_prune: int) -> list[int]:
+        return list(range(max(self.protect_first, self.lead), original_count - self.protect_last - num_prune + 1))
+
+    def check_budget(self, original_count: int, num_prune: int) -> None:
+        super().check_budget(original_count, num_prune)
+        if not self.span_starts(original_count, num_prune):
+            longest = original_count - self.protect_last - max(self.protect_first, self.lead)
+            raise ConfigError("num_prune", num_prune, f"1..{max(longest, 0)}",
+                              problem=f"{type(self).__name__}: no span of {num_prune} layers fits a {original_count}-"
+                                      f"layer model with protect_first={self.protect_first}, protect_last="
+                                      f"{self.protect_last}" + (" (the span cannot start at layer 0)" if self.lead else ""))
+
     def select(self, model: nn.Module, calib: Calibration, num_prune: int, cost: Cost,
-               resume: Selection | None = None) -> Selection:
+               resume: Selection | None = None, on_decision: DecisionCallback | None = None) -> Selection:
         """`resume`: a cached selection of this metric; only one for the same `num_prune` applies to a span."""
         original_count = surgery.num_layers(model)
-        self._check_budget(original_count, num_prune)
+        self.check_budget(original_count, num_prune)
         if resume is not None and len(resume.removed) == num_prune:
             return resume
         t0 = time.perf_counter()
         before = Cost(**cost.as_dict())
-        starts = list(range(max(self.protect_first, self.lead), original_count - self.protect_last - num_prune + 1))
-        if not starts:
-            raise ValueError(f"{type(self).__name__}: no span of {num_prune} layers fits a {original_count}-layer "
-                             f"model with protect_first={self.protect_first}, protect_last={self.protect_last}"
-                             + (" (the span cannot start at layer 0)" if self.lead else ""))
+        starts = self.span_starts(original_count, num_prune)
         pairs = [(s - self.lead, s + num_prune) for s in starts]
         dist = state_distances(model, calib, pairs, self.tokens, self.dtype, self.per_token, self.last_state)
         score_seconds = time.perf_counter() - t0
@@ -193,4 +202,6 @@ class SpanMetric(LayerMetric):
                             score_seconds=score_seconds,
                             forward_tokens=cost.forward_tokens - before.forward_tokens,
                             backward_tokens=cost.backward_tokens - before.backward_tokens)
+        if on_decision is not None:
+            on_decision(decision)
         return Selection(removed=removed, decisions=[decision])

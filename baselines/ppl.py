@@ -9,7 +9,7 @@ from torch import nn
 
 from baselines._common import eval_mode
 from gradmap import surgery
-from gradmap.metric import Calibration, Cost, LayerMetric
+from gradmap.metric import Calibration, Cost, LayerMetric, progress
 from gradmap.models import model_device
 
 
@@ -56,7 +56,7 @@ class PerplexityDrop(LayerMetric):
         n = surgery.num_layers(model)
         scores = torch.empty(n, dtype=torch.float64)
         with eval_mode(model):
-            for i in range(n):
+            for i in progress(range(n), desc=f"{self.name}: candidate layers", unit="layer", leave=False):
                 with surgery.layers_removed(model, [i]):
                     scores[i] = calibration_perplexity(model, calib)
         return scores

@@ -14,8 +14,9 @@ from baselines._compensation import (contiguous_gaps, dense_final_states, final_
                                      layer_states)
 from gradmap import surgery
 from gradmap.compensation import Compensation, IncompatibleCompensationError
-from gradmap.metric import Calibration, Cost, Decision, LayerMetric, Selection
+from gradmap.metric import Calibration, Cost, Decision, DecisionCallback, LayerMetric, Selection, progress
 from gradmap.projection import POST_MLP_NORMS
+from gradmap.validation import ConfigError
 
 # The modules of a pre-norm decoder layer that write into the residual stream (attention and MLP output
 # projections); together with the input embedding they are everything the residual stream is a sum of.
@@ -182,7 +183,7 @@ class PruneAndComp(Compensation):
 
     def __init__(self, iterative: bool = True, ratio: str = "channel_mean_abs"):
         if ratio not in RATIOS:
-            raise ValueError(f"ratio={ratio!r} is not valid; allowed: {', '.join(RATIOS)}")
+            raise ConfigError("ratio", ratio, list(RATIOS))
         self.iterative = bool(iterative)
         self.interleaved = self.iterative
         self.ratio = ratio
@@ -256,19 +257,22 @@ class PruneAndComp(Compensation):
     # ------------------------------------------------------------------------------------------------ iterative
 
     def prune_iteratively(self, model: nn.Module, metric: LayerMetric, calib: Calibration, num_prune: int,
-                          cost: Cost, resume: Selection | None = None) -> tuple[Selection, dict[str, Any]]:
+                          cost: Cost, resume: Selection | None = None, on_decision: DecisionCallback | None = None,
+                          ) -> tuple[Selection, dict[str, Any]]:
         """The official Prune&Comp loop: n times (score the current model with `metric`, remove its lowest layer,
         fold the magnitude compensation). Changes `model` in place (layers removed through `surgery`, scales folded);
         returns the selection (one `Decision` per removal, scores and removals in original layer indices) and the
         compensation report.
 
         `resume`: an earlier selection of this same procedure (metric, compensation, calibration); its first
-        decisions are replayed (removal and fold redone, no rescoring) and the loop continues from there."""
+        decisions are replayed (removal and fold redone, no rescoring) and the loop continues from there.
+        `on_decision`: called with each new decision as soon as it is made; a progress bar counts the steps."""
         original_count = surgery.num_layers(model)
-        metric._check_budget(original_count, num_prune)
+        metric.check_budget(original_count, num_prune)
         self.check_compatible(model, [])
         if is_span_metric(metric):  # one decision, one gap: compensated once (the official CosSim_CL.py)
-            selection = metric.select(model, calib, num_prune, cost, **({"resume": resume} if resume else {}))
+            selection = metric.select(model, calib, num_prune, cost, on_decision=on_decision,
+                                      **({"resume": resume} if resume else {}))
             report = self._one_shot(model, surgery.remove_layers(model, selection.removed), calib)
             return selection, {**report, "procedure": "span"}
 
@@ -283,11 +287,14 @@ class PruneAndComp(Compensation):
         kept = list(range(original_count))  # kept[current position] = original layer index
         decisions: list[Decision] = []
         sites: list[dict[str, Any]] = []
-        for step in range(num_prune):
+        bar = progress(range(num_prune), desc="prune_and_comp: prune + compensate", unit="layer")
+        for step in bar:
             if step < len(replay):
                 decision = replay[step]  # scored earlier on this same pruned and compensated model
             else:
                 decision = self._decide(model, metric, calib, cost, step, kept, original_count)
+                if on_decision is not None:
+                    on_decision(decision)
             (orig,) = decision.removed
             pos = kept.index(orig)
             t0 = time.perf_counter()

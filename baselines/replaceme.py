@@ -10,6 +10,7 @@ from torch import nn
 from baselines._compensation import contiguous_gaps
 from gradmap.metric import Calibration, Cost
 from gradmap.projection import ProjectionCompensation
+from gradmap.validation import ConfigError
 
 
 class ReplaceMe(ProjectionCompensation):
@@ -51,13 +52,19 @@ class ReplaceMe(ProjectionCompensation):
     def __init__(self, alpha: float = 0.0, guard: str = "none"):
         super().__init__(sites="before_gap", alpha=alpha, guard=guard)
 
+    def check_calibration(self, model: nn.Module, num_tokens: int) -> None:
+        d = model.get_input_embeddings().weight.shape[-1]
+        if self.alpha == 0 and num_tokens < d:
+            # M^T M (d x d) is singular with fewer tokens than dimensions; plain LS has no unique solution then.
+            raise ConfigError("alpha", self.alpha, f"alpha > 0, or at least hidden_size={d} calibration tokens "
+                              f"(calibration.num_samples x calibration.seq_len)",
+                              problem=f"plain least squares (alpha=0) needs at least hidden_size={d} calibration "
+                                      f"tokens, got {num_tokens}")
+
     def apply(self, model: nn.Module, removed: Mapping[int, nn.Module], calib: Calibration,
               cost: Cost) -> dict[str, Any]:
-        d = model.get_input_embeddings().weight.shape[-1]
-        if removed and self.alpha == 0 and calib.num_tokens < d:
-            # M^T M (d x d) is singular with fewer tokens than dimensions; plain LS has no unique solution then.
-            raise ValueError(f"replaceme with alpha=0 needs at least hidden_size={d} calibration tokens, got "
-                             f"{calib.num_tokens}; use more calibration data or compensation.alpha > 0")
+        if removed:
+            self.check_calibration(model, calib.num_tokens)
         report = super().apply(model, removed, calib, cost)
         report["method"] = "ReplaceMe lstsq"
         report["uncompensated_gaps"] = [[a, b] for a, b in contiguous_gaps(removed) if a == 0]

@@ -14,8 +14,9 @@ from baselines._compensation import dense_final_states, final_rel_error, layer_s
 from gradmap import surgery
 from gradmap.capture import _hidden
 from gradmap.compensation import Compensation, IncompatibleCompensationError
-from gradmap.metric import Calibration, Cost
+from gradmap.metric import Calibration, Cost, progress
 from gradmap.models import model_device
+from gradmap.validation import ConfigError
 
 PARTS = ("layer", "ffn")
 # Decoder-layer call arguments that must not be replayed: the cache belongs to the forward that produced them.
@@ -116,11 +117,19 @@ class StreamlineTraining(Compensation):
                  weight_decay: float = 1e-3, warmup_ratio: float = 0.08, decay_horizon: float = 8.0,
                  max_grad_norm: float = 5.0):
         if part not in PARTS:
-            raise ValueError(f"part={part!r} is not valid; allowed: {list(PARTS)}")
+            raise ConfigError("part", part, list(PARTS))
         # decay_horizon >= 1: the cosine never reaches its turning point within training, so the lr never rises again.
-        if epochs < 1 or lr <= 0 or not 0 <= min_lr <= lr or not 0 <= warmup_ratio < 1 or decay_horizon < 1:
-            raise ValueError(f"invalid schedule: epochs={epochs} (>= 1), lr={lr} (> 0), min_lr={min_lr} "
-                             f"(0..lr), warmup_ratio={warmup_ratio} (0..1), decay_horizon={decay_horizon} (>= 1)")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError("epochs", epochs, "an integer >= 1")
+        for key, value, ok, allowed in (
+                ("lr", lr, lr > 0, "a number > 0"),
+                ("min_lr", min_lr, 0 <= min_lr <= lr, f"a number in [0, lr={lr}]"),
+                ("weight_decay", weight_decay, weight_decay >= 0, "a number >= 0"),
+                ("warmup_ratio", warmup_ratio, 0 <= warmup_ratio < 1, "a number in [0, 1)"),
+                ("decay_horizon", decay_horizon, decay_horizon >= 1, "a number >= 1 (the lr never rises again)"),
+                ("max_grad_norm", max_grad_norm, max_grad_norm > 0, "a number > 0")):
+            if not ok:
+                raise ConfigError(key, value, allowed, problem="invalid schedule")
         self.part, self.epochs, self.lr, self.min_lr = part, epochs, lr, min_lr
         self.weight_decay, self.warmup_ratio, self.max_grad_norm = weight_decay, warmup_ratio, max_grad_norm
         self.decay_horizon = decay_horizon
@@ -158,7 +167,7 @@ class StreamlineTraining(Compensation):
         try:
             for p in model.parameters():
                 p.requires_grad_(False)
-            for j in sites:  # depth order: later layers see the earlier ones already trained
+            for j in progress(sites, desc=f"{self.name}: trained layers", unit="layer"):  # depth order
                 calls = capture_layer_calls(model, calib, j)
                 rep = self._train(surgery.get_decoder_layers(model)[j], calls, targets[aligned[j]], cost)
                 side = "after" if j == 0 and kept[0] > 0 else "before"
@@ -221,6 +230,7 @@ class StreamlineTraining(Compensation):
         t0 = time.perf_counter()
         try:
             initial = calib_loss()
+            bar = progress(total=total, desc=f"{self.name}: training", unit="step", leave=False)
             with torch.enable_grad():
                 for _ in range(self.epochs):
                     for b in torch.randperm(len(calls)).tolist():  # global RNG: seeded by the runner
@@ -232,6 +242,9 @@ class StreamlineTraining(Compensation):
                         opt.step()
                         sched.step()
                         cost.train_tokens += tgt.shape[0] * tgt.shape[1]
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss.item():.3g}", refresh=False)
+            bar.close()
             final = calib_loss()
         finally:
             for p in params:

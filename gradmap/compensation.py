@@ -16,10 +16,15 @@ from typing import Any
 from torch import nn
 
 from gradmap.metric import Calibration, Cost
+from gradmap.validation import ConfigError
 
 
-class IncompatibleCompensationError(ValueError):
-    """A metric/compensation pairing that cannot work (refused with a message, never a traceback)."""
+class IncompatibleCompensationError(ConfigError):
+    """A model/compensation pairing that cannot work (refused with a message, never a traceback). Validation
+    checks it on the model's architecture (meta device) before anything is loaded."""
+
+    def __init__(self, problem: str, key: str = "compensation"):
+        super().__init__(key, problem=problem)
 
 
 class Compensation(ABC):
@@ -28,6 +33,10 @@ class Compensation(ABC):
 
     def check_compatible(self, model: nn.Module, removed: list[int]) -> None:
         """Raise IncompatibleCompensationError if this pairing cannot work. Default: any pairing is fine."""
+
+    def check_calibration(self, model: nn.Module, num_tokens: int) -> None:
+        """Raise ConfigError (key relative to the compensation) if `num_tokens` calibration tokens cannot work with
+        this model; `model` may be on the meta device. Default: any amount is fine."""
 
     @abstractmethod
     def apply(self, model: nn.Module, removed: Mapping[int, nn.Module], calib: Calibration,

@@ -19,14 +19,8 @@ from typing import Any
 import torch
 
 from gradmap.metric import Calibration
-
-SOURCES = ("offline_wiki", "hub")
-HUB_DATASETS = ("wikitext2", "c4")
-# Held-out corpora and the splits each may be evaluated on. wiki / news: offline assets of that name (files
-# <split>.jsonl); wikitext2: the hub dataset; jsonl: any file given as `path` (tests, your own text).
-HELDOUT_CORPORA = {"wiki": ("validation", "test"), "news": ("test",), "wikitext2": ("validation", "test"),
-                   "jsonl": ("validation", "test")}
-TEST_SPLIT = "test"
+from gradmap.validation import CALIBRATION_SOURCES as SOURCES
+from gradmap.validation import HELDOUT_CORPORA, HUB_DATASETS, TEST_SPLIT, ConfigError, brief  # noqa: F401
 # Draws of a document shorter than a window before giving up (only reachable when almost every text is short).
 _MAX_SHORT_DRAWS = 10_000
 
@@ -40,7 +34,7 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 def _check_source(cfg: Any) -> str:
     source = _get(cfg, "source")
     if source not in SOURCES:
-        raise ValueError(f"data source={source!r} is not supported; allowed: {list(SOURCES)}")
+        raise ConfigError("calibration.source", source, list(SOURCES), problem="not supported")
     return source
 
 
@@ -49,30 +43,36 @@ def _tokenize(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def read_jsonl_texts(path: str | Path) -> list[str]:
-    """The "text" field of every line of a JSONL file, in file order."""
+def read_jsonl_texts(path: str | Path, key: str = "path") -> list[str]:
+    """The "text" field of every line of a JSONL file, in file order. `key`: the config key that named the file
+    (in errors)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data path {str(path)!r} does not exist")
     texts = []
+    allowed = 'a JSONL file, one {"text": ...} object per line'
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if line.strip():
-                record = json.loads(line)
-                if "text" not in record:
-                    raise ValueError(f"{path}:{lineno} has no 'text' field (keys: {sorted(record)})")
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ConfigError(key, str(path), allowed, problem=f"line {lineno} is not JSON ({err})") from err
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ConfigError(key, str(path), allowed, problem=f"line {lineno} has no 'text' string "
+                                      f"(keys: {sorted(record) if isinstance(record, dict) else type(record).__name__})")
                 texts.append(record["text"])
     return texts
 
 
-def _offline_texts(cfg: Any, split: str, corpus: str = "wiki") -> list[str]:
+def _offline_texts(cfg: Any, split: str, corpus: str = "wiki", key: str = "calibration.path") -> list[str]:
     """`cfg.path` if given, else split `split` of the cached offline asset `corpus` (wiki: calib/validation/test)."""
     path = _get(cfg, "path")
     if path is None:
         from gradmap.assets import ensure
 
         path = ensure(corpus) / f"{split}.jsonl"
-    return read_jsonl_texts(path)
+    return read_jsonl_texts(path, key)
 
 
 def _hub_texts(dataset: str, split: str) -> list[str]:
@@ -83,10 +83,11 @@ def _hub_texts(dataset: str, split: str) -> list[str]:
         ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)  # train | validation | test
     elif dataset == "c4":
         if split != "train":
-            raise ValueError(f"c4 is only used for calibration (split 'train'), got split={split!r}")
+            raise ConfigError("eval.heldout.texts", f"c4/{split}", "wikitext2 for held-out text",
+                              problem="c4 is only used for calibration (split 'train')")
         ds = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
     else:
-        raise ValueError(f"hub dataset={dataset!r} is not supported; allowed: {list(HUB_DATASETS)}")
+        raise ConfigError("calibration.dataset", dataset, list(HUB_DATASETS), problem="not supported")
     return list(ds["text"])
 
 
@@ -96,10 +97,12 @@ def sample_windows(texts: list[str], tokenizer: Any, num_samples: int, seq_len: 
     Documents are tokenized lazily and memoised, so only the drawn ones are tokenized (a few dozen articles, not
     the whole corpus). The +1 keeps the SparseGPT recipe's room for a shifted target.
     """
-    if num_samples < 1 or seq_len < 1:
-        raise ValueError(f"num_samples and seq_len must be >= 1, got num_samples={num_samples}, seq_len={seq_len}")
+    if num_samples < 1:
+        raise ConfigError("calibration.num_samples", num_samples, "an integer >= 1")
+    if seq_len < 1:
+        raise ConfigError("calibration.seq_len", seq_len, "an integer >= 2")
     if not texts:
-        raise ValueError("no calibration texts to sample from")
+        raise ConfigError("calibration.path", None, "a file with at least one text", problem="no calibration texts")
     rng = random.Random(seed)
     cache: dict[int, list[int]] = {}
     too_short: set[int] = set()
@@ -108,8 +111,9 @@ def sample_windows(texts: list[str], tokenizer: Any, num_samples: int, seq_len: 
     while len(windows) < num_samples:
         if len(too_short) == len(texts) or short_draws > _MAX_SHORT_DRAWS:
             longest = max((len(ids) for ids in cache.values()), default=0)
-            raise ValueError(f"no calibration text has seq_len + 1 = {seq_len + 1} tokens (longest seen: {longest}); "
-                             f"lower seq_len or use longer texts")
+            raise ConfigError("calibration.seq_len", seq_len, f"at most {max(longest - 1, 1)} for these texts",
+                              problem=f"no calibration text has seq_len + 1 = {seq_len + 1} tokens (longest seen: "
+                                      f"{longest}); lower seq_len or use longer texts")
         doc = rng.randrange(len(texts))
         if doc in too_short:
             short_draws += 1
@@ -134,8 +138,13 @@ def load_calibration(cfg: Any, tokenizer: Any) -> Calibration:
     else:
         dataset = _get(cfg, "dataset", "wikitext2")
         if dataset not in HUB_DATASETS:
-            raise ValueError(f"calibration.dataset={dataset!r} is not supported; allowed: {list(HUB_DATASETS)}")
-        texts = [t for t in _hub_texts(dataset, "train") if t.strip()]
+            raise ConfigError("calibration.dataset", dataset, list(HUB_DATASETS), problem="not supported")
+        try:
+            texts = [t for t in _hub_texts(dataset, "train") if t.strip()]
+        except Exception as err:  # noqa: BLE001  (no network, no datasets cache)
+            raise ConfigError("calibration.dataset", dataset, problem=f"cannot be read from the hub "
+                              f"({brief(err)})",
+                              hint="check network access or the datasets cache (HF_DATASETS_OFFLINE)") from err
     input_ids = sample_windows(texts, tokenizer, int(_get(cfg, "num_samples", 128)), int(_get(cfg, "seq_len", 2048)),
                                int(_get(cfg, "seed", 0)))
     return Calibration(input_ids=input_ids, batch_size=int(_get(cfg, "batch_size", 8)))
@@ -143,19 +152,10 @@ def load_calibration(cfg: Any, tokenizer: Any) -> Calibration:
 
 def check_heldout_spec(name: str, spec: Any, tuning: bool) -> tuple[str, str]:
     """(corpus, split) of one `eval.heldout.texts` entry, refusing unknown ones and `test` in tuning runs."""
-    corpus, split = _get(spec, "corpus"), _get(spec, "split")
-    if corpus not in HELDOUT_CORPORA:
-        raise ValueError(f"eval.heldout.texts.{name}.corpus={corpus!r} is not supported; "
-                         f"allowed: {list(HELDOUT_CORPORA)}")
-    if split not in HELDOUT_CORPORA[corpus]:
-        raise ValueError(f"eval.heldout.texts.{name}.split={split!r} is not available for corpus {corpus!r}; "
-                         f"allowed: {list(HELDOUT_CORPORA[corpus])}")
-    if corpus == "jsonl" and _get(spec, "path") is None:
-        raise ValueError(f"eval.heldout.texts.{name}.path is required for corpus 'jsonl'")
-    if tuning and split == TEST_SPLIT:
-        raise ValueError(f"eval.heldout.texts.{name}.split='test' is refused in a tuning run (tuning=true): choices "
-                         "are made on 'validation' only; allowed: 'validation'")
-    return corpus, split
+    from gradmap.validation import check_heldout_text
+
+    present = {k: _get(spec, k) for k in ("corpus", "split", "path") if _get(spec, k) is not None}
+    return check_heldout_text(name, present, tuning, cache=None)
 
 
 def load_heldout_tokens(spec: Any, tokenizer: Any, max_tokens: int | None, name: str = "text",
@@ -167,12 +167,12 @@ def load_heldout_tokens(spec: Any, tokenizer: Any, max_tokens: int | None, name:
     """
     corpus, split = check_heldout_spec(name, spec, tuning)
     if max_tokens is not None and int(max_tokens) < 1:
-        raise ValueError(f"eval.heldout.max_tokens={max_tokens} must be >= 1 or null (all)")
+        raise ConfigError("eval.heldout.max_tokens", max_tokens, "an integer >= 2, or null (all)")
     max_tokens = None if max_tokens is None else int(max_tokens)
     if corpus == "wikitext2":
         ids = _tokenize(tokenizer, "\n\n".join(_hub_texts(corpus, split)))
     else:
-        texts = _offline_texts(spec, split, corpus)
+        texts = _offline_texts(spec, split, corpus, key=f"eval.heldout.texts.{name}.path")
         # Only the leading documents that can fill max_tokens are tokenized: count per document (cheap upper bound
         # on what is needed), then tokenize their joined text once so the result is exactly "join, tokenize, cut".
         used, count = len(texts), 0
@@ -187,7 +187,7 @@ def load_heldout_tokens(spec: Any, tokenizer: Any, max_tokens: int | None, name:
             used += 1  # joined tokenization merged across a boundary and came out a few tokens short
             ids = _tokenize(tokenizer, "\n\n".join(texts[:used]))
     if not ids:
-        raise ValueError(f"held-out text {name!r} ({corpus}/{split}) is empty")
+        raise ConfigError(f"eval.heldout.texts.{name}", f"{corpus}/{split}", "a non-empty text", problem="empty")
     if max_tokens is not None:
         ids = ids[:max_tokens]
     return torch.tensor(ids, dtype=torch.long)

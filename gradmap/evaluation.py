@@ -20,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradmap.models import model_device
+from gradmap.validation import TASKS_DIR, ConfigError, brief
 
-TASKS_DIR = Path(__file__).parent / "tasks"
 DATA_PLACEHOLDER = "__DATA_FILE__"
 # lm-eval computes the stderr of `mean` metrics in closed form whenever bootstrap_iters > 0 (0 disables stderr
 # altogether); the few bootstrapped metrics stay cheap with 100 draws.
@@ -72,7 +72,9 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int, batch_si
     device = input_device(model)
     total_nll = torch.zeros((), dtype=torch.float64)
     try:
-        with tqdm(total=num_windows, desc=f"perplexity@{seq_len}", unit="window", disable=not progress) as bar:
+        # disable=None: a bar on a terminal, nothing in logs and pipes.
+        with tqdm(total=num_windows, desc=f"perplexity@{seq_len}", unit="window", disable=None if progress else True,
+                  leave=False) as bar:
             for start in range(0, num_windows, batch_size):
                 batch = windows[start:start + batch_size].to(device)
                 logits = model(input_ids=batch, use_cache=False).logits
@@ -214,6 +216,10 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: list[str], batch_size: 
             model=hflm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=task_manager,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS)
+    except OSError as err:  # a task's dataset cannot be downloaded or read (no network, no datasets cache)
+        raise ConfigError("eval.lm_eval.tasks", tasks, problem=f"lm-eval could not load a task's data "
+                          f"({brief(err)})",
+                          hint="check network access or the datasets cache (HF_DATASETS_OFFLINE)") from err
     finally:
         model.eval()
     if results is None:  # only non-zero ranks of a distributed run get None; we never launch one

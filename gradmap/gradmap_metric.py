@@ -42,6 +42,7 @@ from gradmap import surgery
 from gradmap.capture import layer_io
 from gradmap.metric import Calibration, Cost, LayerMetric
 from gradmap.models import model_device
+from gradmap.validation import ConfigError
 
 REDUCTIONS = {"weights": ("mean_abs", "l2", "rel_l2"), "activations": ("mean_abs", "l2", "first_order")}
 GRAD_ACCUMULATIONS = ("full", "per_batch")
@@ -154,14 +155,14 @@ class GradMAPMetric(LayerMetric):
                  protect_first: int = 0, protect_last: int = 0):
         super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
         if target not in REDUCTIONS:
-            raise ValueError(f"target={target!r} is not valid; allowed: {list(REDUCTIONS)}")
+            raise ConfigError("target", target, list(REDUCTIONS))
         if reduction not in REDUCTIONS[target]:
-            raise ValueError(f"reduction={reduction!r} is not valid for target={target}; "
-                             f"allowed: {list(REDUCTIONS[target])}")
+            raise ConfigError("reduction", reduction, list(REDUCTIONS[target]),
+                              problem=f"not valid for target={target}")
         if accum_dtype not in ACCUM_DTYPES:
-            raise ValueError(f"accum_dtype={accum_dtype!r} is not valid; allowed: {list(ACCUM_DTYPES)}")
+            raise ConfigError("accum_dtype", accum_dtype, list(ACCUM_DTYPES))
         if grad_accumulation not in GRAD_ACCUMULATIONS:
-            raise ValueError(f"grad_accumulation={grad_accumulation!r} is not valid; allowed: {list(GRAD_ACCUMULATIONS)}")
+            raise ConfigError("grad_accumulation", grad_accumulation, list(GRAD_ACCUMULATIONS))
         self.target, self.reduction = target, reduction
         self.dtype = ACCUM_DTYPES[accum_dtype]
         self.grad_accumulation = grad_accumulation

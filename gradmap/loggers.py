@@ -8,10 +8,24 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-LOGGERS = ("wandb", "none")
+from gradmap.validation import LOGGER_KINDS as LOGGERS
+from gradmap.validation import ConfigError
+
+
+def decision_row(decision: Any, cached: bool = False) -> dict[str, Any]:
+    """One pruning decision as a flat W&B step: its chosen layer(s) and every layer's score."""
+    d = decision if isinstance(decision, dict) else vars(decision)
+    row: dict[str, Any] = {"decision/step": d["step"], "decision/cached": cached,
+                           "decision/removed_layer": d["removed"][0] if len(d["removed"]) == 1 else None,
+                           "decision/num_removed": len(d["removed"]), "decision/seconds": d.get("seconds", 0.0)}
+    row.update({f"decision/score/layer_{i:03d}": s for i, s in enumerate(d["scores"]) if s is not None})
+    return row
 
 
 class NullLogger:
+    def log_decision(self, decision: Any, cached: bool = False) -> None:
+        pass
+
     def log_run(self, rec: dict[str, Any], plot: Path | None) -> None:
         pass
 
@@ -35,6 +49,10 @@ class WandbLogger:
             project=log_cfg.project, entity=log_cfg.get("entity"), mode=log_cfg.mode, group=log_cfg.get("group"),
             tags=list(log_cfg.get("tags") or []), name=f"{name}-r{cfg.get('prune_ratio')}", dir=str(out_dir),
             config={**OmegaConf.to_container(cfg, resolve=True), "choices": choices}, reinit="finish_previous")
+
+    def log_decision(self, decision: Any, cached: bool = False) -> None:
+        """Each pruning decision as its own step, as soon as it is made (`cached`: replayed from the cache)."""
+        self.run.log(decision_row(decision, cached))
 
     def log_run(self, rec: dict[str, Any], plot: Path | None) -> None:
         wandb, t = self.wandb, rec["timings"]
@@ -64,4 +82,4 @@ def make_logger(log_cfg: DictConfig, cfg: DictConfig, out_dir: Path, choices: di
         return NullLogger()
     if kind == "wandb":
         return WandbLogger(log_cfg, cfg, out_dir, choices)
-    raise ValueError(f"logger.kind={kind!r} is not supported; allowed: {list(LOGGERS)}")
+    raise ConfigError("logger.kind", kind, list(LOGGERS), problem="not supported")

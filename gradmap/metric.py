@@ -15,13 +15,25 @@ import contextlib
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from gradmap import surgery
+from gradmap.validation import ConfigError
+
+# Called with each pruning decision as soon as it is made (the runner logs it to W&B as a step).
+DecisionCallback = Callable[["Decision"], None]
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar with ETA on a terminal; silent when stderr is not a TTY (logs, pipes, batch jobs)."""
+    kwargs.setdefault("disable", None)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
 
 
 @dataclass
@@ -30,6 +42,14 @@ class Calibration:
 
     input_ids: torch.Tensor
     batch_size: int = 8
+
+    def __post_init__(self):
+        # A non-positive micro-batch size would give no batches at all: every score 0, silently.
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError("calibration.batch_size", self.batch_size, "an integer >= 1")
+        if self.input_ids.dim() != 2 or self.input_ids.shape[0] < 1 or self.input_ids.shape[1] < 2:
+            raise ConfigError("calibration", tuple(self.input_ids.shape), "[num_samples >= 1, seq_len >= 2] tokens",
+                              problem="calibration tokens have an unusable shape")
 
     def batches(self, device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
         for start in range(0, self.input_ids.shape[0], self.batch_size):
@@ -148,6 +168,9 @@ class LayerMetric(ABC):
     name = "metric"
 
     def __init__(self, iterative: bool = False, protect_first: int = 0, protect_last: int = 0):
+        for key, value in (("protect_first", protect_first), ("protect_last", protect_last)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(key, value, "an integer >= 0")
         self.iterative = iterative
         self.protect_first = protect_first
         self.protect_last = protect_last
@@ -159,11 +182,19 @@ class LayerMetric(ABC):
     def prunable(self, original_count: int) -> list[int]:
         return list(range(self.protect_first, original_count - self.protect_last))
 
-    def _check_budget(self, original_count: int, num_prune: int) -> None:
+    def check_budget(self, original_count: int, num_prune: int) -> None:
+        """Refuse (ConfigError with the full key) a removal count the protected layers leave no room for; called by
+        validation before anything is loaded, and again by `select`."""
         allowed = len(self.prunable(original_count))
+        if allowed < 1:
+            raise ConfigError("metric.protect_first", self.protect_first,
+                              f"protect_first + protect_last <= {original_count - 2}",
+                              problem=f"with protect_last={self.protect_last} no layer of the {original_count}-layer "
+                                      f"model may be pruned")
         if not 0 < num_prune <= allowed or num_prune >= original_count:
-            raise ValueError(f"num_prune={num_prune} is not possible for {type(self).__name__} on a "
-                             f"{original_count}-layer model; allowed: 1..{min(allowed, original_count - 1)}")
+            raise ConfigError("num_prune", num_prune, f"1..{min(allowed, original_count - 1)}",
+                              problem=f"not possible for {type(self).__name__} on a {original_count}-layer model "
+                                      f"(protect_first={self.protect_first}, protect_last={self.protect_last})")
 
     # Which cached selections a run with another num_prune may reuse (see `gradmap.cache`):
     #   "prefix": iterative greedy; the first n decisions of a longer run are the run for n, and a shorter run
@@ -182,11 +213,12 @@ class LayerMetric(ABC):
         return order[:n]
 
     def select(self, model: nn.Module, calib: Calibration, num_prune: int, cost: Cost,
-               resume: Selection | None = None) -> Selection:
+               resume: Selection | None = None, on_decision: DecisionCallback | None = None) -> Selection:
         """Choose `num_prune` layers. `resume`: earlier decisions of this same metric to continue from
-        (iterative) or reuse (one-shot), e.g. from the score cache."""
+        (iterative) or reuse (one-shot), e.g. from the score cache. `on_decision`: called with each new decision
+        as soon as it is made. A progress bar counts the decisions (one scoring pass each)."""
         original_count = surgery.num_layers(model)
-        self._check_budget(original_count, num_prune)
+        self.check_budget(original_count, num_prune)
         decisions: list[Decision] = list(resume.decisions) if resume else []
         if not self.iterative and decisions:
             take = self.lowest(decisions[0].scores, num_prune)
@@ -195,6 +227,7 @@ class LayerMetric(ABC):
         decisions = decisions[:num_prune]
         removed: list[int] = [i for d in decisions for i in d.removed]
         steps = num_prune if self.iterative else 1
+        bar = progress(total=steps, initial=len(decisions), desc=f"{self.name}: pruning decisions", unit="decision")
         for step in range(len(decisions), steps):
             t0 = time.perf_counter()
             before = Cost(**cost.as_dict())
@@ -214,4 +247,9 @@ class LayerMetric(ABC):
                                       score_seconds=score_seconds,
                                       forward_tokens=cost.forward_tokens - before.forward_tokens,
                                       backward_tokens=cost.backward_tokens - before.backward_tokens))
+            bar.update(1)
+            bar.set_postfix(removed=take[0] if len(take) == 1 else len(take))
+            if on_decision is not None:
+                on_decision(decisions[-1])
+        bar.close()
         return Selection(removed=removed, decisions=decisions)

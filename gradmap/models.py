@@ -10,16 +10,17 @@ from typing import Any
 import torch
 from torch import nn
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-SOURCES = ("offline", "hub", "tiny_random")
+from gradmap.validation import DTYPE_ALIASES, MODEL_SOURCES, ConfigError, brief
+
+DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_ALIASES.items()}
+SOURCES = MODEL_SOURCES
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
-        raise ValueError(f"dtype={name!r} is not supported; allowed: {sorted(DTYPES)}")
+        raise ConfigError("dtype", name, sorted(DTYPES), problem="not supported")
     return DTYPES[name]
 
 
@@ -29,14 +30,22 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def tiny_random_llama(vocab_size: int = 256, hidden_size: int = 32, num_layers: int = 6, intermediate_size: int = 64,
-                      num_heads: int = 4, num_kv_heads: int = 2, seed: int = 0, **overrides: Any) -> nn.Module:
-    """A small random Llama built from a config: for unit tests, seconds on a CPU."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_random_config(vocab_size: int = 256, hidden_size: int = 32, num_layers: int = 6, intermediate_size: int = 64,
+                       num_heads: int = 4, num_kv_heads: int = 2, max_position_embeddings: int = 512, seed: int = 0,
+                       **overrides: Any):
+    """The LlamaConfig of `tiny_random_llama` (`seed` is the weights' seed, not part of the config)."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                         max_position_embeddings=512, tie_word_embeddings=False, **overrides)
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                       num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                       max_position_embeddings=max_position_embeddings, tie_word_embeddings=False, **overrides)
+
+
+def tiny_random_llama(seed: int = 0, **config: Any) -> nn.Module:
+    """A small random Llama built from a config (`tiny_random_config`): for unit tests, seconds on a CPU."""
+    from transformers import LlamaForCausalLM
+
+    config = tiny_random_config(**config)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.eval()
@@ -78,18 +87,24 @@ def load_model(cfg: Any) -> tuple[nn.Module, Any]:
     if source == "offline":
         from gradmap.assets import ensure
 
-        path = str(ensure(cfg.asset))
+        path, key = str(ensure(cfg.asset)), "model.asset"
     elif source == "hub":
-        path = cfg.pretrained
+        path, key = cfg.pretrained, "model.pretrained"
     else:
-        raise ValueError(f"model.source={source!r} is not supported; allowed: {list(SOURCES)}")
+        raise ConfigError("model.source", source, list(SOURCES), problem="not supported")
     kwargs: dict[str, Any] = {"dtype": dtype}
     if cfg.get("device_map"):
         kwargs["device_map"] = cfg.device_map
     if cfg.get("attn_implementation"):
         kwargs["attn_implementation"] = cfg.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001  (a damaged folder, a network failure: the load itself failed)
+        hint = ("check it with: python -m gradmap.assets --verify; rebuild it with: python -m gradmap.assets "
+                f"--rebuild {cfg.asset}") if source == "offline" else "check the name and network access"
+        raise ConfigError(key, cfg.get(key.split(".")[1]), problem=f"the model cannot be loaded from {path} "
+                          f"({brief(err)})", hint=hint) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

@@ -41,8 +41,9 @@ from torch import nn
 from gradmap import surgery
 from gradmap.capture import layer_io
 from gradmap.compensation import Compensation, IncompatibleCompensationError
-from gradmap.metric import Calibration, Cost
+from gradmap.metric import Calibration, Cost, progress
 from gradmap.models import model_device
+from gradmap.validation import ConfigError
 
 SITE_RULES = ("largest", "largest_gap", "topk", "before_gap")
 SHIFT_MEASURES = ("mean", "rms")
@@ -143,13 +144,15 @@ class ProjectionCompensation(Compensation):
     def __init__(self, sites: str = "before_gap", top_k: int = 2, shift: str = "mean", alpha: float = 3.0,
                  guard: str = "final_error"):
         if guard not in GUARDS:
-            raise ValueError(f"guard={guard!r} is not valid; allowed: {list(GUARDS)}")
+            raise ConfigError("guard", guard, list(GUARDS))
         if sites not in SITE_RULES:
-            raise ValueError(f"sites={sites!r} is not valid; allowed: {list(SITE_RULES)}")
+            raise ConfigError("sites", sites, list(SITE_RULES))
         if shift not in SHIFT_MEASURES:
-            raise ValueError(f"shift={shift!r} is not valid; allowed: {list(SHIFT_MEASURES)}")
-        if alpha < 0:
-            raise ValueError(f"alpha={alpha} must be >= 0")
+            raise ConfigError("shift", shift, list(SHIFT_MEASURES))
+        if not alpha >= 0:
+            raise ConfigError("alpha", alpha, "a number >= 0")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ConfigError("top_k", top_k, "an integer >= 1")
         self.sites, self.top_k, self.shift, self.alpha, self.guard = sites, top_k, shift, alpha, guard
 
     def check_compatible(self, model: nn.Module, removed: list[int]) -> None:
@@ -246,7 +249,7 @@ class ProjectionCompensation(Compensation):
             state["final_error"] = err
             return False
 
-        for j in sites:
+        for j in progress(sites, desc=f"{self.name}: fitting sites", unit="site"):
             proj = output_projection(layers[j])
             # The pass that fits site j also measures the final error with the previous fold: the guard is free.
             yty, ytt, err = self._normal_equations(model, calib, j, proj, targets[aligned[j]], last, final_targets)

@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -22,45 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradmap.files import atomic_write_json, atomic_write_text, json_default  # noqa: F401  (re-exported)
 from gradmap.metric import Cost, count_forward_tokens
 
 PRUNING_STAGES = ("score", "select", "prune", "compensate")  # "pruning time" = the sum of these
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file + rename in the same folder, so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n")
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    return str(obj)
-
-
 def stable_hash(obj: Any, length: int = 16) -> str:
     """Content hash of a JSON-able object (key order independent)."""
-    blob = json.dumps(obj, sort_keys=True, default=_json_default)
+    blob = json.dumps(obj, sort_keys=True, default=json_default)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
@@ -134,6 +103,8 @@ class StageRecorder:
         self.peak_memory: dict[str, dict[str, int]] = {}
         self.costs: dict[str, Cost] = {}
         self.progress = progress
+        self.current: str | None = None  # the stage running now (a failure records it)
+        self.last: str | None = None
 
     def _sync(self) -> None:
         if self.cuda:
@@ -142,6 +113,7 @@ class StageRecorder:
     @contextlib.contextmanager
     def stage(self, name: str, model: nn.Module | None = None) -> Iterator[Cost]:
         cost = self.costs.setdefault(name, Cost())
+        self.current = self.last = name
         if self.progress:
             print(f"[gradmap] stage {name} ...", flush=True)
         if self.cuda:
@@ -152,6 +124,7 @@ class StageRecorder:
             yield cost
             self._sync()
         elapsed = time.perf_counter() - t0
+        self.current = None
         self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
         mem = self.peak_memory.setdefault(name, {"cpu_rss_bytes": 0})
         mem["cpu_rss_bytes"] = max(mem["cpu_rss_bytes"], rss.peak)

@@ -1,17 +1,20 @@
 """One pruning run: load -> calibration data -> score/select -> prune -> compensate -> evaluate -> record.
 
-`run(cfg, out_dir)` is what `run.py` calls for every Hydra job. It writes `record.json` (the source of truth) and
-`scores.csv` into `out_dir`, a per-layer score plot, and mirrors the essentials to the configured logger.
+`run(cfg, out_dir)` runs one job through `gradmap.jobs.run_job` (record history, validation, failures) and returns its
+record; `Run.execute` is the pipeline itself, called once the config is valid. It writes `record.json` (the source of
+truth) and `scores.csv` into `out_dir`, a per-layer score plot, and mirrors the essentials to the configured logger,
+each pruning decision as it is made.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import math
+import os
 import random
+import shutil
+import sys
 import time
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,33 +22,20 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from gradmap import surgery
-from gradmap.cache import SelectionCache, finished_record, read_json_entry, selection_key
-from gradmap.compensation import IncompatibleCompensationError
+from gradmap.assets import use_cache_root
+from gradmap.cache import CacheEntryError, SelectionCache, check_dense_entry, read_json_entry, selection_key
+from gradmap.compensation import IncompatibleCompensationError  # noqa: F401  (re-exported)
 from gradmap.data import load_calibration, load_heldout
 from gradmap.evaluation import evaluate, headline, retained
+from gradmap.files import move_aside
 from gradmap.loggers import make_logger
 from gradmap.metric import Cost
 from gradmap.models import load_model, resolve_device, resolve_dtype
 from gradmap.record import StageRecorder, atomic_write_json, atomic_write_text, environment, stable_hash
-
-GROUPS = ("model", "metric", "compensation", "calibration", "eval", "logger")
-
-
-def num_to_prune(num_layers: int, prune_ratio: float | None, num_prune: int | None) -> int:
-    """floor(ratio * L + 0.5), i.e. round half up, unless `num_prune` is given explicitly."""
-    if num_prune is not None:
-        n = int(num_prune)
-    else:
-        if prune_ratio is None or not 0.0 < float(prune_ratio) < 1.0:
-            raise ValueError(f"prune_ratio={prune_ratio} is not valid; allowed: 0 < prune_ratio < 1 "
-                             "(or set num_prune)")
-        n = math.floor(float(prune_ratio) * num_layers + 0.5)
-    if not 0 < n < num_layers:
-        raise ValueError(f"removing {n} of {num_layers} layers is not possible; allowed: 1..{num_layers - 1} "
-                         f"(prune_ratio={prune_ratio}, num_prune={num_prune})")
-    return n
+from gradmap.validation import GROUPS, Checked, ConfigError, brief, num_to_prune  # noqa: F401  (num_to_prune re-exported)
 
 
 def seed_everything(seed: int) -> None:
@@ -69,7 +59,7 @@ def dense_cache_key(cfg: DictConfig) -> str:
 def cache_root_of(cfg: DictConfig) -> Path:
     from gradmap.assets import cache_root
 
-    return Path(cfg.get("cache_dir") or cache_root())
+    return Path(cfg.get("cache_dir") or cache_root(default=True)).expanduser()
 
 
 def scores_csv(decisions: list[dict[str, Any]]) -> str:
@@ -122,131 +112,165 @@ def original_scoring(metric, selection) -> dict[str, Any]:
 
 
 class Run:
-    """State of one job, so a failure at any stage still leaves a complete record."""
+    """The pipeline of one job whose config passed validation (`checked`); `job` owns the record and its history,
+    so a failure at any stage still leaves a complete record."""
 
-    def __init__(self, cfg: DictConfig, out_dir: Path, choices: dict[str, str]):
-        self.cfg, self.out_dir, self.choices = cfg, Path(out_dir), choices
-        self.record: dict[str, Any] = {
-            "status": "running",
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "choices": choices,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "environment": environment(),
-        }
-        self.recorder = StageRecorder(resolve_device(cfg.device))
+    def __init__(self, cfg: DictConfig, out_dir: Path, choices: dict[str, str], job, checked: Checked):
+        self.cfg, self.out_dir, self.choices, self.job, self.checked = cfg, Path(out_dir), choices, job, checked
+        self.record: dict[str, Any] = job.record
+        self.record["environment"] = environment()
+        self.recorder = StageRecorder(checked.device if checked.device != "auto" else resolve_device("auto"))
+        self.logger = None
 
     def save(self) -> None:
         self.record["timings"] = self.recorder.as_dict()
-        atomic_write_json(self.out_dir / "record.json", self.record)
+        self.job.save()
 
     def execute(self) -> dict[str, Any]:
-        cfg, rec, stage = self.cfg, self.record, self.recorder.stage
-        done = None if cfg.get("force") else finished_record(self.out_dir, rec["config"])
-        if done is not None:
-            done.setdefault("reruns_skipped", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            atomic_write_json(self.out_dir / "record.json", done)
-            print(f"[gradmap] skipped: {self.out_dir}/record.json is done with the same config (force=true reruns)")
-            return done
-        logger = make_logger(cfg.logger, cfg, self.out_dir, self.choices)
-        self.save()
+        with use_cache_root(self.checked.cache):
+            try:
+                return self._execute()
+            except BaseException:
+                self.record["failed_stage"] = self.recorder.current or self.recorder.last
+                self.record["timings"] = self.recorder.as_dict()
+                raise
+            finally:
+                if self.logger is not None:
+                    self.logger.finish(self.record.get("status", "failed"))
+
+    def _execute(self) -> dict[str, Any]:
+        cfg, rec, stage, checked = self.cfg, self.record, self.recorder.stage, self.checked
         try:
-            seed_everything(cfg.seed)
-            device = resolve_device(cfg.device)
-            with stage("load"):
-                model_cfg = cfg.model if cfg.get("dtype") is None else OmegaConf.merge(cfg.model, {"dtype": cfg.dtype})
-                model, tokenizer = load_model(model_cfg)
-                if not model_cfg.get("device_map"):
-                    model.to(device)
-            num_layers = surgery.num_layers(model)
-            n = num_to_prune(num_layers, cfg.get("prune_ratio"), cfg.get("num_prune"))
-            rec.update({"model_class": type(model).__name__, "num_layers": num_layers, "num_prune": n,
-                        "prune_ratio": cfg.get("prune_ratio"), "effective_prune_ratio": n / num_layers,
-                        "dtype": str(resolve_dtype(model_cfg.get("dtype", "float32")))})
-
-            metric = instantiate(cfg.metric)
-            compensation = instantiate(cfg.compensation)
-            # Refuse an impossible pairing before spending time on scoring.
-            compensation.check_compatible(model, [])
-
-            with stage("calibration"):
-                calib = load_calibration(cfg.calibration, tokenizer)
-                heldout = load_heldout(cfg.eval.heldout, tokenizer, tuning=bool(cfg.get("tuning", False)))
-            rec["calibration"] = {"num_samples": int(calib.input_ids.shape[0]), "seq_len": int(calib.input_ids.shape[1]),
-                                  "tokens": calib.num_tokens, "split": "calib"}
-            rec["heldout"] = {t.name: {"corpus": t.corpus, "split": t.split, "tokens": int(t.token_ids.numel())}
-                              for t in heldout}
-
-            rec["results"] = {"dense": self._dense_results(model, tokenizer, heldout)}
-            self.save()
-
-            interleaved = getattr(compensation, "interleaved", False)  # e.g. Prune&Comp: prune, compensate, rescore
-            if interleaved:
-                selection, comp_report = self._prune_interleaved(model, metric, compensation, calib, n)
-            else:
-                selection = self._select(model, metric, calib, n)
-            rec["selection"] = selection.as_dict()
-            rec["removed_layers"] = sorted(selection.removed)
-            atomic_write_text(self.out_dir / "scores.csv", scores_csv(rec["selection"]["decisions"]))
-            plot = plot_scores(rec["selection"]["decisions"], self.out_dir / "scores.png",
-                               f"{self.choices.get('metric')} on {self.choices.get('model')}")
-            self.save()
-
-            if interleaved:
-                rec["compensation"] = comp_report
-            else:
-                with stage("prune"):
-                    removed_modules = surgery.remove_layers(model, selection.removed)
-                with stage("compensate", model) as cost:
-                    rec["compensation"] = compensation.apply(model, removed_modules, calib, cost)
-                del removed_modules  # the dense reference is no longer needed
-            self.save()
-
-            with stage("evaluate", model):
-                pruned = evaluate(model, tokenizer, cfg.eval, heldout, seed=cfg.seed)
-            dense = rec["results"]["dense"]
-            rec["results"].update({"pruned": pruned, "retained_pct": retained(dense, pruned),
-                                   "headline": {"dense": headline(dense), "pruned": headline(pruned)}})
-            if cfg.get("save_dir"):
-                info = {"removed_layers": rec["removed_layers"], "original_num_layers": num_layers,
-                        "metric": self.choices.get("metric"), "compensation": self.choices.get("compensation"),
-                        "compensation_report": rec["compensation"],
-                        "config": rec["config"]}
-                rec["saved_to"] = str(surgery.save_pruned(model, tokenizer, cfg.save_dir, info))
-            t = self.recorder.seconds
-            rec["pruning_seconds_original"] = (rec["original_scoring"]["seconds"] + t.get("prune", 0.0)
-                                               + t.get("compensate", 0.0))
-            rec["status"] = "done"
-            rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            self.save()
-            try:  # the mirror must never turn a finished job into a failed one
-                logger.log_run(rec, plot)
-            except Exception as err:  # noqa: BLE001
-                print(f"[gradmap] warning: logger failed ({type(err).__name__}: {err}); record.json is complete")
-            print(summary_table(rec))
-            return rec
-        except IncompatibleCompensationError as err:
-            self._fail(err, traceback_text=None)
+            self.logger = logger = make_logger(cfg.logger, cfg, self.out_dir, self.choices)
+        except ConfigError:
             raise
-        except BaseException as err:  # KeyboardInterrupt too: the record must say the job did not finish
-            self._fail(err, traceback_text=traceback.format_exc())
-            raise
-        finally:
-            logger.finish(rec.get("status", "failed"))
+        except Exception as err:  # noqa: BLE001  (W&B cannot start: no login, no network, a bad project name)
+            kind = cfg.logger.get("kind")
+            raise ConfigError("logger", kind, problem=f"the {kind} logger cannot start ({brief(err)})",
+                              hint="logger.mode=offline mirrors W&B without a login; logger=none turns it off") \
+                from err
+        self.save()
+        seed_everything(cfg.seed)
+        device = resolve_device(checked.device)
+        with stage("load"):
+            model_cfg = cfg.model if cfg.get("dtype") is None else OmegaConf.merge(cfg.model, {"dtype": cfg.dtype})
+            model, tokenizer = load_model(model_cfg)
+            if not model_cfg.get("device_map"):
+                model.to(device)
+        num_layers = surgery.num_layers(model)
+        if num_layers != checked.info.num_layers:
+            raise RuntimeError(f"the loaded model has {num_layers} layers, its config said {checked.info.num_layers}")
+        n = checked.num_prune
+        rec.update({"model_class": type(model).__name__, "num_layers": num_layers, "num_prune": n,
+                    "prune_ratio": cfg.get("prune_ratio"), "effective_prune_ratio": n / num_layers,
+                    "dtype": str(resolve_dtype(model_cfg.get("dtype", "float32")))})
+
+        metric, compensation = checked.metric, checked.compensation
+        if metric is None or compensation is None:  # validated without building them
+            metric, compensation = instantiate(cfg.metric), instantiate(cfg.compensation)
+        # Checked on the architecture already; this is the loaded model (cheap).
+        compensation.check_compatible(model, [])
+
+        with stage("calibration"):
+            calib = load_calibration(cfg.calibration, tokenizer)
+            heldout = load_heldout(cfg.eval.heldout, tokenizer, tuning=bool(cfg.get("tuning", False)))
+        rec["calibration"] = {"num_samples": int(calib.input_ids.shape[0]), "seq_len": int(calib.input_ids.shape[1]),
+                              "tokens": calib.num_tokens, "split": "calib"}
+        rec["heldout"] = {t.name: {"corpus": t.corpus, "split": t.split, "tokens": int(t.token_ids.numel())}
+                          for t in heldout}
+
+        rec["results"] = {"dense": self._dense_results(model, tokenizer, heldout)}
+        self.save()
+
+        interleaved = getattr(compensation, "interleaved", False)  # e.g. Prune&Comp: prune, compensate, rescore
+        if interleaved:
+            selection, comp_report = self._prune_interleaved(model, metric, compensation, calib, n)
+        else:
+            selection = self._select(model, metric, calib, n)
+        rec["selection"] = selection.as_dict()
+        rec["removed_layers"] = sorted(selection.removed)
+        atomic_write_text(self.out_dir / "scores.csv", scores_csv(rec["selection"]["decisions"]))
+        plot = plot_scores(rec["selection"]["decisions"], self.out_dir / "scores.png",
+                           f"{self.choices.get('metric')} on {self.choices.get('model')}")
+        self.save()
+
+        if interleaved:
+            rec["compensation"] = comp_report
+        else:
+            with stage("prune"):
+                removed_modules = surgery.remove_layers(model, selection.removed)
+            with stage("compensate", model) as cost:
+                rec["compensation"] = compensation.apply(model, removed_modules, calib, cost)
+            del removed_modules  # the dense reference is no longer needed
+        self.save()
+
+        with stage("evaluate", model):
+            pruned = evaluate(model, tokenizer, cfg.eval, heldout, seed=cfg.seed)
+        dense = rec["results"]["dense"]
+        rec["results"].update({"pruned": pruned, "retained_pct": retained(dense, pruned),
+                               "headline": {"dense": headline(dense), "pruned": headline(pruned)}})
+        t = self.recorder.seconds
+        rec["pruning_seconds_original"] = (rec["original_scoring"]["seconds"] + t.get("prune", 0.0)
+                                           + t.get("compensate", 0.0))
+        self.save()
+        if checked.save_dir is not None:
+            info = {"removed_layers": rec["removed_layers"], "original_num_layers": num_layers,
+                    "metric": self.choices.get("metric"), "compensation": self.choices.get("compensation"),
+                    "compensation_report": rec["compensation"], "config": rec["config"]}
+            with stage("save"):
+                rec["saved_to"] = str(save_checkpoint(model, tokenizer, str(checked.save_dir), info,
+                                                      overwrite=bool(cfg.get("save_overwrite"))))
+        rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.record["timings"] = self.recorder.as_dict()
+        self.job.end("done")
+        try:  # the mirror must never turn a finished job into a failed one
+            logger.log_run(rec, plot)
+        except Exception as err:  # noqa: BLE001
+            print(f"[gradmap] warning: logger failed ({type(err).__name__}: {err}); record.json is complete")
+        print(summary_table(rec))
+        return rec
+
+    def _decision_logger(self):
+        """Log each fresh decision to the logger as it is made; `flush` logs the cached ones after selection."""
+        logged: set[int] = set()
+
+        def on_decision(decision) -> None:
+            logged.add(decision.step)
+            # One line per decision in logs too (bars are terminal-only); tqdm.write keeps a terminal's bars intact.
+            tqdm.write(f"[gradmap] decision {decision.step}: removed {decision.removed} (scored in "
+                       f"{decision.score_seconds:.1f}s)", file=sys.stdout)
+            try:
+                self.logger.log_decision(decision)
+            except Exception as err:  # noqa: BLE001  (the mirror must not fail the run)
+                print(f"[gradmap] warning: logging decision {decision.step} failed ({type(err).__name__}: {err})")
+
+        def flush(selection) -> None:
+            for d in selection.decisions:
+                if d.step not in logged:
+                    try:
+                        self.logger.log_decision(d, cached=True)
+                    except Exception:  # noqa: BLE001
+                        pass
+
+        return on_decision, flush
 
     def _select(self, model, metric, calib, n):
         """Score and choose layers, reusing the selection cache (see gradmap.cache) where it applies."""
         cfg, rec = self.cfg, self.record
         cache = SelectionCache(cache_root_of(cfg)) if cfg.get("cache_selection", True) else None
         key = selection_key(cfg)
-        cached, complete = cache.lookup(key, metric, n) if cache else (None, False)
+        num_layers = surgery.num_layers(model)
+        cached, complete = cache.lookup(key, metric, n, num_layers) if cache else (None, False)
+        on_decision, flush = self._decision_logger()
         with self.recorder.stage("score", model) as cost:
             t0 = time.perf_counter()
             if cached is not None and complete and metric.reuse != "scores":
                 selection = cached
             else:  # compute, or continue an iterative order / re-pick from cached one-shot scores
                 resume = {"resume": cached} if cached is not None else {}  # span metrics take no resume
-                selection = metric.select(model, calib, n, cost, **resume)
+                selection = metric.select(model, calib, n, cost, on_decision=on_decision, **resume)
             total = time.perf_counter() - t0
+        flush(selection)
         new_decisions = len(selection.decisions) - (len(cached.decisions) if cached is not None else 0)
         fresh_score = sum(d.score_seconds for d in selection.decisions[-new_decisions:]) if new_decisions > 0 else 0.0
         # Split the synchronised stage time into scoring passes and the choosing in between.
@@ -254,7 +278,8 @@ class Run:
         self.recorder.add_seconds("select", total - fresh_score)
         source = "computed" if cached is None else ("cache" if new_decisions <= 0 else "cache+extended")
         if cache is not None and source != "cache":
-            cache.store(key, n, selection, {"model": self.choices.get("model"), "metric": self.choices.get("metric")})
+            cache.store(key, n, selection, {"model": self.choices.get("model"), "metric": self.choices.get("metric")},
+                        num_layers)
         rec["selection_source"] = source
         rec["selection_cache_key"] = key
         # What scoring cost when it was actually computed (the basis for speed comparisons across a sweep).
@@ -269,9 +294,13 @@ class Run:
         key = stable_hash({"selection": selection_key(cfg), "v": 1,
                            "compensation": OmegaConf.to_container(cfg.compensation, resolve=True)})
         reuse = SimpleNamespace(reuse=compensation.selection_reuse(metric))
-        cached, _ = cache.lookup(key, reuse, n) if cache else (None, False)
+        num_layers = surgery.num_layers(model)
+        cached, _ = cache.lookup(key, reuse, n, num_layers) if cache else (None, False)
+        on_decision, flush = self._decision_logger()
         with self.recorder.stage("compensate", model) as cost:
-            selection, report = compensation.prune_iteratively(model, metric, calib, n, cost, resume=cached)
+            selection, report = compensation.prune_iteratively(model, metric, calib, n, cost, resume=cached,
+                                                               on_decision=on_decision)
+        flush(selection)
         fresh = selection.decisions[len(cached.decisions) if cached is not None else 0:]
         scored = Cost(forward_tokens=sum(d.forward_tokens for d in fresh),
                       backward_tokens=sum(d.backward_tokens for d in fresh))
@@ -285,30 +314,63 @@ class Run:
         source = "computed" if cached is None else ("cache" if not fresh else "cache+extended")
         if cache is not None and source != "cache":
             cache.store(key, n, selection, {"model": self.choices.get("model"), "metric": self.choices.get("metric"),
-                                            "compensation": self.choices.get("compensation")})
+                                            "compensation": self.choices.get("compensation")}, num_layers)
         rec.update(selection_source=source, selection_cache_key=key,
                    original_scoring=original_scoring(metric, selection))
         return selection, report
 
-    def _fail(self, err: BaseException, traceback_text: str | None) -> None:
-        self.record["status"] = "failed"
-        self.record["error"] = {"type": type(err).__name__, "message": str(err), "traceback": traceback_text}
-        self.save()
-
     def _dense_results(self, model, tokenizer, heldout) -> dict[str, Any]:
         cfg = self.cfg
-        cache_file = cache_root_of(cfg) / "dense_eval" / f"{dense_cache_key(cfg)}.json"
-        cached = read_json_entry(cache_file) if cfg.eval.get("cache_dense", True) else None
-        if cached is not None and "results" in cached:
-            self.record["dense_from_cache"] = str(cache_file)
-            return cached["results"]
+        key = dense_cache_key(cfg)
+        cache_file = cache_root_of(cfg) / "dense_eval" / f"{key}.json"
+        use_cache = cfg.eval.get("cache_dense", True)
+        cached = read_json_entry(cache_file) if use_cache else None
+        if cached is not None:
+            seq_lens = [int(s) for s in (cfg.eval.perplexity.get("seq_lens") or [])]
+            tasks = [str(t) for t in (cfg.eval.lm_eval.get("tasks") or [])]
+            try:
+                results = check_dense_entry(cached, key, [t.name for t in heldout], seq_lens, tasks)
+                self.record["dense_from_cache"] = str(cache_file)
+                return results
+            except CacheEntryError as err:
+                move_aside(cache_file, f"malformed dense-evaluation entry: {err}")
         with self.recorder.stage("evaluate_dense", model):
             results = evaluate(model, tokenizer, cfg.eval, heldout, seed=cfg.seed)
         self.record["dense_from_cache"] = None
-        if cfg.eval.get("cache_dense", True):
-            atomic_write_json(cache_file, {"key": dense_cache_key(cfg), "results": results,
+        if use_cache:
+            atomic_write_json(cache_file, {"key": key, "results": results,
                                            "model": OmegaConf.to_container(cfg.model, resolve=True)})
         return results
+
+
+def save_checkpoint(model, tokenizer, save_dir: str, info: dict[str, Any], overwrite: bool) -> Path:
+    """Write the pruned checkpoint to a temporary sibling of `save_dir` and rename it into place at the end: a
+    failed write leaves nothing behind (and an existing folder, replaced only with `save_overwrite=true`,
+    untouched). Errors are ConfigErrors on `save_dir`."""
+    final = Path(save_dir).expanduser().resolve()
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        surgery.save_pruned(model, tokenizer, tmp, info)
+        if final.exists():
+            if not overwrite and (not final.is_dir() or any(final.iterdir())):
+                raise ConfigError("save_dir", save_dir, "an empty or new folder, or save_overwrite=true",
+                                  problem=f"{final} appeared (non-empty) while the run was going")
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except ConfigError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as err:  # noqa: BLE001  (disk full, permissions, a serialisation error)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError("save_dir", save_dir, problem=f"writing the checkpoint failed ({brief(err)}); nothing was "
+                          f"left at {final}",
+                          hint="the results are in record.json; fix the cause and rerun with force=true") from err
+    return final
 
 
 def summary_table(rec: dict[str, Any]) -> str:
@@ -338,5 +400,8 @@ def summary_table(rec: dict[str, Any]) -> str:
 
 
 def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run one job. `choices`: the option picked per config group (from Hydra), recorded and used in labels."""
-    return Run(cfg, Path(out_dir), choices or {}).execute()
+    """Run one job (validation, pipeline, record history; see `gradmap.jobs.run_job`) and return its record. A
+    refused config or a failure is recorded in `out_dir/record.json` and raised."""
+    from gradmap.jobs import run_job
+
+    return run_job(cfg, Path(out_dir), choices or {}, raise_errors=True).record

@@ -307,9 +307,9 @@ def test_load_heldout_names_corpus_and_split_of_every_text(tmp_path):
 
 @pytest.mark.parametrize("spec,match", [
     ({"corpus": "books", "split": "test"}, "corpus='books'.*allowed"),
-    ({"corpus": "news", "split": "validation"}, "split='validation'.*allowed: \\['test'\\]"),
-    ({"corpus": "wiki", "split": "calib"}, "split='calib'.*allowed: \\['validation', 'test'\\]"),
-    ({"corpus": "jsonl", "split": "test"}, "path is required"),
+    ({"corpus": "news", "split": "validation"}, "split='validation'.*allowed: test$"),
+    ({"corpus": "wiki", "split": "calib"}, "split='calib'.*allowed: validation, test$"),
+    ({"corpus": "jsonl", "split": "test"}, "path=None: required"),
 ])
 def test_heldout_spec_errors(spec, match):
     with pytest.raises(ValueError, match=match):
@@ -326,7 +326,7 @@ def test_tuning_runs_cannot_read_test(tmp_path, monkeypatch):
     monkeypatch.setattr(gradmap.assets, "ensure", no_read)
     for corpus in ("wiki", "news", "wikitext2"):
         cfg = OmegaConf.create({"max_tokens": 8, "texts": {"t": {"corpus": corpus, "split": "test"}}})
-        with pytest.raises(ValueError, match="split='test' is refused in a tuning run"):
+        with pytest.raises(ValueError, match="split='test': refused in a tuning run"):
             load_heldout(cfg, ByteTokenizer(), tuning=True)
     # ... and even the jsonl escape hatch is refused when it calls itself test.
     path = _jsonl(tmp_path, ["text"])
@@ -345,7 +345,8 @@ def test_calibration_reads_only_the_calib_split(monkeypatch, tmp_path):
     monkeypatch.setattr(gradmap.assets, "ensure", lambda name: read.append(name) or folder)
     real_read = gradmap.data.read_jsonl_texts
     opened = []
-    monkeypatch.setattr(gradmap.data, "read_jsonl_texts", lambda p: opened.append(Path(p).name) or real_read(p))
+    monkeypatch.setattr(gradmap.data, "read_jsonl_texts",
+                        lambda p, *args: opened.append(Path(p).name) or real_read(p, *args))
     load_calibration(OmegaConf.create({"source": "offline_wiki", "num_samples": 2, "seq_len": 8, "seed": 0}),
                      ByteTokenizer())
     assert read == ["wiki"] and opened == ["calib.jsonl"]

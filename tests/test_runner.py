@@ -142,7 +142,9 @@ def test_incompatible_pairing_is_refused_before_scoring(tmp_path):
     with pytest.raises(IncompatibleCompensationError, match="refuses"):
         run(cfg, tmp_path / "job", CHOICES)
     rec = json.loads((tmp_path / "job" / "record.json").read_text())
-    assert rec["status"] == "failed" and "score" not in rec["timings"]["seconds"]
+    # Refused at validation, on the model's architecture: nothing was loaded, let alone scored.
+    assert rec["status"] == "failed" and "timings" not in rec
+    assert rec["error"]["key"] == "compensation" and "refuses" in rec["error"]["message"]
 
 
 class RefusingCompensation:

@@ -1,0 +1,310 @@
+"""The life of one job and its `record.json`: attempts, refusals, failures, interrupts, stale records.
+
+`run_job` is what `run.py` calls for every Hydra job (and `gradmap.runner.run` for tests and scripts):
+
+1. Read the job folder's previous record. A record left `running` by a process that is gone (SIGKILL, out of
+   memory, power loss) is marked `interrupted` and the job runs again; one whose process is still alive is refused
+   (two processes must never write one record).
+2. Skip the job if its record is `done` with the same resolved config (`force=true` reruns it).
+3. Write a `running` record at once (so even a job refused at validation leaves one), then validate the config
+   (`gradmap.validation`), then run it (`gradmap.runner.Run`).
+4. End the attempt: `done`, `failed` (a refused value or a fault: exit 2; anything unexpected: exit 1, the traceback
+   in the record) or `interrupted` (Ctrl-C, SIGTERM: exit 130 / 143).
+
+`record["attempts"]` keeps every attempt (pid, host, start, end, status, reason, sweep), so the record's history says
+what happened to the job. Standard library and omegaconf only: a refused run never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gradmap.files import atomic_write_json, move_aside, read_json
+from gradmap.validation import ConfigError, brief, one_line, resolve
+
+RECORD = "record.json"
+SWEEP_ENV = "GRADMAP_SWEEP_ID"  # set by gradmap.sweep.SweepSummary for the jobs of one sweep
+# Keys that say how to run a job, not what it computes: a finished job is skipped whatever their values (so a
+# record written before `save_overwrite` existed still counts as the same job).
+RUN_ONLY_KEYS = ("force", "save_overwrite")
+
+
+def same_job(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two resolved configs describe the same computation."""
+    def strip(c: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in c.items() if k not in RUN_ONLY_KEYS}
+
+    return isinstance(a, dict) and isinstance(b, dict) and strip(a) == strip(b)
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# ------------------------------------------------------------------------------------------------- signals
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM while a job runs (a KeyboardInterrupt, so `except Exception` never swallows it)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(self.reason)
+
+    @property
+    def reason(self) -> str:
+        if self.signum == signal.SIGINT:
+            return "interrupted by Ctrl-C (SIGINT)"
+        return f"terminated by {signal.Signals(self.signum).name}"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def install_signal_handlers() -> None:
+    """Ctrl-C and SIGTERM raise `Interrupted`, so the job records why it stopped (main thread only)."""
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. a thread-based launcher): keep the defaults
+        pass
+
+
+def interrupt_reason(err: BaseException) -> tuple[str, int]:
+    if isinstance(err, Interrupted):
+        return err.reason, err.exit_code
+    return "interrupted by Ctrl-C (SIGINT)", 128 + signal.SIGINT
+
+
+# ---------------------------------------------------------------------------------------- process liveness
+
+def process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22): with the pid, it tells a
+    live process from a later one that reused the pid. None where /proc is not available."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def attempt_alive(attempt: dict[str, Any]) -> bool | None:
+    """True / False whether the attempt's process is still running; None when that cannot be told (another
+    host)."""
+    if attempt.get("host") != socket.gethostname():
+        return None
+    pid = attempt.get("pid")
+    if not isinstance(pid, int) or not pid_alive(pid):
+        return False
+    recorded = attempt.get("process_start")
+    return recorded is None or process_start(pid) in (None, recorded)
+
+
+def new_attempt() -> dict[str, Any]:
+    return {"status": "running", "pid": os.getpid(), "host": socket.gethostname(),
+            "process_start": process_start(os.getpid()), "started": now(), "started_unix": time.time(),
+            "sweep": os.environ.get(SWEEP_ENV)}
+
+
+# ------------------------------------------------------------------------------------------------ the record
+
+class JobRecord:
+    """`record.json` of one job folder and its attempt history."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / RECORD
+        previous = read_json(self.path, discard_corrupt=False)
+        if previous is not None and not isinstance(previous, dict):
+            move_aside(self.path, "not a JSON object")
+            previous = None
+        self.previous: dict[str, Any] | None = previous
+        self.attempts: list[dict[str, Any]] = [a for a in (previous or {}).get("attempts", []) if isinstance(a, dict)]
+        self.attempt = new_attempt()
+        self.record: dict[str, Any] = {}
+        self.writable = True  # False when another live process owns the record
+        self.write_error: str | None = None
+
+    def recover(self, force: bool) -> str | None:
+        """Handle a previous record left `running`: refuse if its process is alive, else mark it interrupted."""
+        prev = self.previous
+        if not prev or prev.get("status") != "running":
+            return None
+        last = self.attempts[-1] if self.attempts and self.attempts[-1].get("status") == "running" else None
+        state = attempt_alive(last) if last is not None else False
+        if last is not None and state is True and last.get("pid") != os.getpid():
+            self.writable = False
+            raise ConfigError("hydra.run.dir", str(self.out_dir), "another output folder, or wait for it to finish",
+                              problem=f"this job is running in process {last['pid']}"
+                                      + (f" (started {last['started']})" if last.get("started") else ""))
+        if state is None and not force:
+            self.writable = False
+            raise ConfigError("hydra.run.dir", str(self.out_dir), "force=true to take it over if that process is gone",
+                              problem=f"the record says the job is running on host {last.get('host')} "
+                                      f"(pid {last.get('pid')}), which cannot be checked from here")
+        who = f"process {last.get('pid')} on {last.get('host')}" if last else "its process"
+        reason = f"{who} ended without finishing (killed, e.g. SIGKILL or out of memory, or crashed)"
+        if last is not None:
+            last.update(status="interrupted", reason=reason, detected=now())
+        else:  # a record written before attempts were kept
+            self.attempts.append({"status": "interrupted", "reason": reason, "started": prev.get("started"),
+                                  "detected": now()})
+        message = f"[gradmap] {self.out_dir}: the previous attempt was interrupted ({reason}); running it again"
+        print(message, flush=True)
+        return reason
+
+    def finished(self, resolved: dict[str, Any]) -> dict[str, Any] | None:
+        prev = self.previous
+        if prev and prev.get("status") == "done" and same_job(prev.get("config"), resolved):
+            return prev
+        return None
+
+    def skip(self) -> dict[str, Any]:
+        rec = self.previous
+        rec.setdefault("reruns_skipped", []).append(now())
+        self.attempt.update(status="skipped", ended=now())
+        rec["attempts"] = self.attempts + [self.attempt]
+        atomic_write_json(self.path, rec)
+        print(f"[gradmap] skipped: {self.path} is done with the same config (force=true reruns)", flush=True)
+        return rec
+
+    def begin(self, base: dict[str, Any]) -> dict[str, Any]:
+        self.record = {**base, "status": "running", "attempts": self.attempts + [self.attempt]}
+        self.save()
+        return self.record
+
+    def save(self) -> None:
+        if not self.writable:
+            return
+        try:
+            atomic_write_json(self.path, self.record)
+        except OSError as err:  # an unwritable run folder must not hide the job's own error
+            if self.write_error is None and self.record.get("status") == "running":
+                raise ConfigError("hydra.run.dir", str(self.out_dir), "a writable folder",
+                                  problem=f"{self.path} cannot be written ({err})") from err
+            self.write_error = str(err)
+
+    def end(self, status: str, reason: str | None = None, error: dict[str, Any] | None = None) -> None:
+        self.attempt.update(status=status, ended=now())
+        if reason:
+            self.attempt["reason"] = reason
+        self.record["status"] = status
+        if error is not None:
+            self.record["error"] = error
+        if status == "done":
+            self.record.pop("error", None)
+        self.save()
+
+
+# ------------------------------------------------------------------------------------------------- a job
+
+@dataclass
+class JobResult:
+    status: str  # done | skipped | failed | interrupted
+    exit_code: int
+    line: str | None  # the one line printed for a failed or interrupted job
+    record: dict[str, Any]
+
+
+def _error_dict(err: BaseException, tb: str | None) -> dict[str, Any]:
+    out = {"type": type(err).__name__, "message": one_line(err), "traceback": tb}
+    if isinstance(err, ConfigError):
+        out.update(err.as_dict())
+    return out
+
+
+def _as_fault(err: BaseException, record: dict[str, Any]) -> ConfigError | None:
+    """Faults a user meets at run time that are not bugs: out of memory."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        stage = record.get("failed_stage") or "?"
+        calib = (record.get("config") or {}).get("calibration") or {}
+        return ConfigError("calibration.batch_size", calib.get("batch_size"),
+                           problem=f"out of memory in stage '{stage}' ({type(err).__name__})",
+                           hint="lower calibration.batch_size or eval.perplexity.batch_size, or set "
+                                "metric.gradient_checkpointing=true")
+    return None
+
+
+def run_job(cfg: Any, out_dir: str | Path, choices: dict[str, str] | None = None,
+            raise_errors: bool = False) -> JobResult:
+    """Run one job in `out_dir` (see the module docstring). With `raise_errors`, a failure is recorded and then
+    raised (tests, scripts); otherwise it is returned as a JobResult with the one line to print and an exit code."""
+    from omegaconf import OmegaConf
+
+    choices = dict(choices or {})
+    job = JobRecord(out_dir)
+    try:
+        try:
+            resolved = resolve(cfg)
+        except ConfigError:
+            job.begin({"config": OmegaConf.to_container(cfg, resolve=False), "choices": choices, "started": now()})
+            raise
+        force = resolved.get("force") is True
+        job.recover(force)
+        done = None if force else job.finished(resolved)
+        if done is not None:
+            return JobResult("skipped", 0, None, job.skip())
+        job.begin({"config": resolved, "choices": choices, "started": now()})
+        from gradmap.validation import validate
+
+        checked = validate(resolved, run_dir=out_dir)
+        from gradmap.runner import Run  # the heavy imports (torch, transformers) only once the config is valid
+
+        rec = Run(cfg, Path(out_dir), choices, job, checked).execute()
+        return JobResult("done", 0, None, rec)
+    except ConfigError as err:
+        job.end("failed", reason=str(err), error=_error_dict(err, traceback.format_exc() if err.__cause__ else None))
+        if raise_errors:
+            raise
+        return JobResult("failed", 2, str(err), job.record)
+    except KeyboardInterrupt as err:
+        reason, code = interrupt_reason(err)
+        job.end("interrupted", reason=reason, error={"type": type(err).__name__, "message": reason,
+                                                     "traceback": traceback.format_exc()})
+        if raise_errors:
+            raise
+        return JobResult("interrupted", code, f"{reason}; {job.path} records it, and rerunning the same command "
+                                              "resumes", job.record)
+    except Exception as err:  # noqa: BLE001  (recorded with its traceback, then reported in one line)
+        tb = traceback.format_exc()
+        fault = _as_fault(err, job.record)
+        if fault is not None:
+            job.end("failed", reason=str(fault), error={**_error_dict(fault, tb), "type": type(err).__name__})
+            if raise_errors:
+                raise fault from err
+            return JobResult("failed", 2, str(fault), job.record)
+        line = f"{brief(err, 300)} (unexpected; the traceback is in {job.path})"
+        job.end("failed", reason=line, error=_error_dict(err, tb))
+        if raise_errors:
+            raise
+        return JobResult("failed", 1, line, job.record)
+
+
+def report(result: JobResult, multirun: bool = False) -> None:
+    """Print the one line of a failed or interrupted job on stderr."""
+    if result.line is None:
+        return
+    label = "interrupted" if result.status == "interrupted" else "error"
+    print(f"[gradmap] {label}: {result.line}", file=sys.stderr, flush=True)

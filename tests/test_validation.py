@@ -1,0 +1,122 @@
+"""The pure checks of gradmap.validation: strict types, the error's one line, schemas vs the shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from gradmap.cache import CacheEntryError, check_selection_entry
+from gradmap.validation import (ConfigError, brief, check_component, check_save_dir, check_value, lm_eval_task_known,
+                                num_to_prune, validate)
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.mark.parametrize("value,tp,ok", [
+    (2, int, True), (2.0, int, False), (2.5, int, False), (True, int, False), ("2", int, False),
+    (True, bool, True), (1, bool, False), ("yes", bool, False),
+    (1, float, True), (0.5, float, True), (True, float, False), (float("nan"), float, False), ("x", float, False),
+    (None, Optional[int], True), (None, int, False), ([2, 3], list[int], True), ([2, 3.5], list[int], False),
+    ("a", str, True), (3, str, False),
+])
+def test_check_value_is_strict(value, tp, ok):
+    if ok:
+        assert check_value("k", value, tp) == value
+    else:
+        with pytest.raises(ConfigError, match=r"^k(\[1\])?="):
+            check_value("k", value, tp)
+
+
+def test_ranges_and_choices_say_what_is_allowed():
+    with pytest.raises(ConfigError, match=r"^x=0: out of range; allowed: an integer >= 1$"):
+        check_value("x", 0, int, {"ge": 1})
+    with pytest.raises(ConfigError, match=r"^x='c' is not valid; allowed: a, b$"):
+        check_value("x", "c", str, {"choices": ("a", "b")})
+
+
+def test_config_error_is_one_line_with_key_value_allowed():
+    err = ConfigError("reduction", "foo", ["a", "b"], problem="not valid\nfor this target", hint="see the README")
+    assert str(err) == "reduction='foo': not valid for this target; allowed: a, b; see the README"
+    err.relabel(prefix="metric")
+    assert str(err).startswith("metric.reduction='foo'") and err.as_dict()["key"] == "metric.reduction"
+    assert isinstance(err, ValueError)
+    assert brief(OSError("first sentence. " + "x" * 300), 40) == "OSError: first sentence."
+    assert brief(OSError("y" * 300), 40) == "OSError: " + "y" * 37 + "..."
+
+
+def test_num_to_prune():
+    assert num_to_prune(30, 0.25, None) == 8 and num_to_prune(30, None, 3) == 3
+    with pytest.raises(ConfigError, match="^prune_ratio=None: neither"):
+        num_to_prune(30, None, None)
+    with pytest.raises(ConfigError, match=r"^prune_ratio=0.99: removing 30 of 30 layers"):
+        num_to_prune(30, 0.99, None)
+
+
+@pytest.mark.parametrize("group", ["metric", "compensation"])
+def test_every_shipped_metric_and_compensation_matches_its_class(group):
+    """Each YAML's keys are parameters of its class with the annotated types (what validation checks)."""
+    for path in sorted((CONF / group).glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        assert check_component(group, node) is not None, path.name
+
+
+def test_every_model_calibration_and_eval_option_passes_the_schema_checks(tmp_path):
+    """Each shipped option composes into a config whose plain keys pass validation (assets aside)."""
+    text = Path(__file__).parent / "data" / "tiny_text.jsonl"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        base = ["model=tiny_random", "calibration=tiny", "eval=tiny", "logger=none", f"calibration.path={text}",
+                f"eval.heldout.texts.tiny.path={text}", f"cache_dir={tmp_path}"]
+        assert validate(compose("config", overrides=base), build=False).num_prune == 2
+        from gradmap.validation import (check_calibration, check_eval, check_logger, check_model, check_node,
+                                        CalibrationSchema, EvalSchema)
+        for path in sorted((CONF / "model").glob("*.yaml")):
+            check_model(OmegaConf.to_container(OmegaConf.load(path)))
+        for path in sorted((CONF / "logger").glob("*.yaml")):
+            check_logger(OmegaConf.to_container(OmegaConf.load(path)))
+        for option in ("hub", "wiki_offline", "tiny"):
+            path = [f"calibration.path={text}"] if option == "tiny" else []
+            cfg = compose("config", overrides=[f"calibration={option}", *path])
+            check_node("calibration", OmegaConf.to_container(cfg.calibration, resolve=True), CalibrationSchema)
+        for option in ("offline", "validation", "zeroshot7", "tiny"):
+            path = [f"eval.heldout.texts.tiny.path={text}"] if option == "tiny" else []
+            cfg = compose("config", overrides=[f"eval={option}", *path])
+            check_node("eval", OmegaConf.to_container(cfg.eval, resolve=True), EvalSchema)
+        assert check_calibration and check_eval  # the asset-reading parts run in the battery
+
+
+def test_lm_eval_task_names():
+    for task in ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"):
+        assert lm_eval_task_known(task), task  # the zeroshot7 tasks, found by the fast scan
+
+
+def test_save_dir_checks(tmp_path):
+    cache = tmp_path / "cache"
+    assert check_save_dir(str(tmp_path / "new" / "model"), False, [cache], None) == tmp_path / "new" / "model"
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert check_save_dir(str(tmp_path / "full"), True, [cache], None) == tmp_path / "full"
+    for bad, overwrite, match in ((cache / "m", False, "inside the asset cache"), (tmp_path, False, "contains"),
+                                  (tmp_path / "full", False, "non-empty"), (tmp_path / "full" / "x", False, "file")):
+        with pytest.raises(ConfigError, match=match):
+            check_save_dir(str(bad), overwrite, [cache], None)
+    with pytest.raises(ConfigError, match="run folder"):
+        check_save_dir(str(tmp_path / "runs"), True, [cache], tmp_path / "runs" / "job")
+
+
+def test_selection_entry_shape():
+    decision = {"step": 0, "scores": [0.1, 0.2, 0.3], "removed": [0], "seconds": 0.0, "score_seconds": 0.0,
+                "forward_tokens": 0, "backward_tokens": 0}
+    good = {"selections": {"1": {"removed": [0], "removal_order": [0], "decisions": [decision]}}}
+    assert check_selection_entry(good, 3)[1].removed == [0]
+    for bad in ({"selections": []}, {"selections": {"x": good["selections"]["1"]}},
+                {"selections": {"2": good["selections"]["1"]}},
+                {"selections": {"1": {**good["selections"]["1"], "decisions": [{**decision, "scores": [0.1, True, 0]}]}}},
+                {"selections": {"1": {**good["selections"]["1"], "decisions": [{**decision, "step": "0"}]}}}):
+        with pytest.raises(CacheEntryError):
+            check_selection_entry(bad, 3)
+    with pytest.raises(CacheEntryError, match="3 layers, the model has 4"):
+        check_selection_entry(good, 4)
