@@ -45,7 +45,7 @@ import baselines.ppl
 from baselines._common import eval_mode
 from gradmap import surgery
 from gradmap.gradmap_metric import GradMAPMetric
-from gradmap.metric import Calibration, Cost, Decision, Selection
+from gradmap.metric import Calibration, Cost, Decision, DecisionCallback, Selection
 
 
 class GradMAPVerify(GradMAPMetric):
@@ -91,9 +91,9 @@ class GradMAPVerify(GradMAPMetric):
         return out
 
     def select(self, model: nn.Module, calib: Calibration, num_prune: int, cost: Cost,
-               resume: Selection | None = None) -> Selection:
+               resume: Selection | None = None, on_decision: DecisionCallback | None = None) -> Selection:
         original_count = surgery.num_layers(model)
-        self._check_budget(original_count, num_prune)
+        self.check_budget(original_count, num_prune)
         decisions: list[Decision] = list(resume.decisions[:num_prune]) if resume else []
         removed: list[int] = [i for d in decisions for i in d.removed]
         for step in range(len(decisions), num_prune):
@@ -136,6 +136,8 @@ class GradMAPVerify(GradMAPMetric):
                 gradient_scores=gradient, verified=list(verified),
                 verify_seconds=score_seconds - (screen_done - t0) if verified else 0.0,
                 verify_forward_tokens=cost.forward_tokens - mid.forward_tokens))
+            if on_decision is not None:
+                on_decision(decisions[-1])
         return Selection(removed=removed, decisions=decisions)
 
     @staticmethod

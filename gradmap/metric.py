@@ -124,13 +124,13 @@ class Decision:
 
     def as_dict(self) -> dict:
         out = asdict(self)
-        for f in _OPTIONAL_DECISION_FIELDS:
-            if out[f] == _OPTIONAL_DECISION_FIELDS[f]:
+        for f in OPTIONAL_DECISION_FIELDS:
+            if out[f] == OPTIONAL_DECISION_FIELDS[f]:
                 del out[f]
         return out
 
 
-_OPTIONAL_DECISION_FIELDS = {"gradient_scores": None, "verified": [], "verify_seconds": 0.0,
+OPTIONAL_DECISION_FIELDS = {"gradient_scores": None, "verified": [], "verify_seconds": 0.0,
                              "verify_forward_tokens": 0}
 
 

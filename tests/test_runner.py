@@ -15,6 +15,7 @@ from gradmap.runner import dense_cache_key, num_to_prune, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "tests" / "data" / "tiny_text.jsonl"
+ITERATIVE = "metric.iterative=true"
 CHOICES = {"model": "tiny_random", "metric": "gradmap", "compensation": "projection", "calibration": "tiny",
            "eval": "tiny", "logger": "none"}
 
@@ -40,7 +41,7 @@ def test_num_to_prune_rounds_half_up_and_validates():
 
 def test_run_writes_complete_record(tmp_path):
     out = tmp_path / "job"
-    rec = run(make_cfg(tmp_path), out, CHOICES)
+    rec = run(make_cfg(tmp_path, "metric.iterative=true"), out, CHOICES)  # the paper's iterative GradMAP
     saved = json.loads((out / "record.json").read_text())
     assert saved["status"] == "done" and rec["status"] == "done"
     assert saved["num_layers"] == 6 and saved["num_prune"] == 2  # floor(0.25 * 6 + 0.5)
@@ -78,26 +79,27 @@ def test_run_writes_complete_record(tmp_path):
 
 
 def test_second_run_is_skipped_and_sweep_reuses_selection(tmp_path):
-    cfg = make_cfg(tmp_path, "num_prune=1")
+    # Iterative GradMAP, whose greedy order a larger n extends (one-shot scores are reused whole).
+    cfg = make_cfg(tmp_path, ITERATIVE, "num_prune=1")
     out = tmp_path / "job"
     first = run(cfg, out, CHOICES)
     assert first["selection_source"] == "computed"
     before = (out / "scores.csv").read_text()
-    again = run(make_cfg(tmp_path, "num_prune=1"), out, CHOICES)
+    again = run(make_cfg(tmp_path, ITERATIVE, "num_prune=1"), out, CHOICES)
     assert again["status"] == "done" and len(again["reruns_skipped"]) == 1
     assert (out / "scores.csv").read_text() == before
     # A larger n in another folder extends the cached greedy order instead of rescoring from scratch.
-    bigger = run(make_cfg(tmp_path, "num_prune=2"), tmp_path / "job2", CHOICES)
+    bigger = run(make_cfg(tmp_path, ITERATIVE, "num_prune=2"), tmp_path / "job2", CHOICES)
     assert bigger["selection_source"] == "cache+extended"
     assert bigger["selection"]["removal_order"][0] == first["selection"]["removal_order"][0]
     assert bigger["timings"]["cost"]["score"]["backward_tokens"] == first["calibration"]["tokens"]
     # The smaller n again in a new folder: pure cache hit, nothing scored.
-    smaller = run(make_cfg(tmp_path, "num_prune=1"), tmp_path / "job3", CHOICES)
+    smaller = run(make_cfg(tmp_path, ITERATIVE, "num_prune=1"), tmp_path / "job3", CHOICES)
     assert smaller["selection_source"] == "cache"
     assert smaller["timings"]["cost"]["score"]["backward_tokens"] == 0
     assert smaller["original_scoring"]["backward_tokens"] == first["calibration"]["tokens"]
     # force=true reruns a finished job.
-    forced = run(make_cfg(tmp_path, "num_prune=1", "force=true"), out, CHOICES)
+    forced = run(make_cfg(tmp_path, ITERATIVE, "num_prune=1", "force=true"), out, CHOICES)
     assert "reruns_skipped" not in forced
 
 
