@@ -340,7 +340,7 @@ def test_each_decision_is_logged_as_it_happens(tmp_path, monkeypatch, capsys):
             events.append(("finish", status))
 
     monkeypatch.setattr(gradmap.runner, "make_logger", lambda *a: Recorder())
-    rec = run(make_cfg(tmp_path, "num_prune=2"), tmp_path / "job", CHOICES)
+    rec = run(make_cfg(tmp_path, "num_prune=2", "metric.iterative=true"), tmp_path / "job", CHOICES)
     assert events[:2] == [("decision", 0, [rec["selection"]["removal_order"][0]], False),
                           ("decision", 1, [rec["selection"]["removal_order"][1]], False)]
     assert events[2:] == [("run",), ("finish", "done")]
@@ -349,7 +349,7 @@ def test_each_decision_is_logged_as_it_happens(tmp_path, monkeypatch, capsys):
     assert f"[gradmap] decision 1: removed [{rec['selection']['removal_order'][1]}]" in out
     # A cached selection is logged too, marked as such.
     events.clear()
-    run(make_cfg(tmp_path, "num_prune=2"), tmp_path / "job2", CHOICES)
+    run(make_cfg(tmp_path, "num_prune=2", "metric.iterative=true"), tmp_path / "job2", CHOICES)
     assert [e[3] for e in events if e[0] == "decision"] == [True, True]
 
 

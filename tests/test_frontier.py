@@ -243,7 +243,7 @@ def test_every_documented_command_composes_and_the_design_is_covered():
     commands = header_commands()
     sweep_dir = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / "frontier.yaml").hydra.sweep)["dir"]
     assert sweep_dir == "multirun/frontier/${hydra.runtime.choices.model}"  # one folder for every command
-    assert commands[0] == [] and len(commands) == 10  # the sweep itself, five more, four supplement commands
+    assert commands[0] == [] and len(commands) == 12  # the sweep itself, six more, five supplement commands
     seen: dict[tuple[str, int], set[int]] = {}
     comps_seen: dict[tuple[str, int], set[str]] = {}
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
