@@ -42,7 +42,7 @@ def main(cfg: DictConfig):
 def hydra_error_line(err: BaseException) -> str:
     """Hydra's and OmegaConf's multi-line composition errors as one line (the key is in the message)."""
     from hydra.errors import MissingConfigException
-    from gradmap.validation import one_line
+    from gradmap.errors import one_line
 
     if isinstance(err, MissingConfigException) and getattr(err, "options", None):
         first = str(err).strip().splitlines()[0]

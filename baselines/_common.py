@@ -1,28 +1,28 @@
-"""Helpers shared by the baselines: option checking, token selection, cosine similarity, hidden-state distances,
-span selection."""
+"""Helpers shared by the similarity baselines (BI, LLM-Streamline, angular distance): option checking, token
+selection, cosine similarity, hidden-state distances, span selection."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from gradmap import surgery
 from gradmap.capture import layer_io
-from gradmap.metric import Calibration, Cost, Decision, DecisionCallback, LayerMetric, Selection
+from gradmap.errors import ConfigError
+from gradmap.grad_state import eval_mode
+from gradmap.metric import Calibration, Cost, Decision, DecisionCallback, LayerMetric, Reuse, Selection
 from gradmap.models import model_device
-from gradmap.validation import ConfigError
+from gradmap.module_paths import FINAL_NORMS, first_path
 
 ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TOKENS = ("all", "last")
 # h_L, the last layer's output: as is, or after the final norm (what HF's `output_hidden_states` returns last).
 LAST_STATES = ("final_norm", "raw")
-# Attribute paths (from the CausalLM wrapper) to the norm after the last decoder layer, per architecture family.
-FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm")
 
 
 def resolve_accum_dtype(name: str) -> torch.dtype:
@@ -57,28 +57,11 @@ def angular(cos: torch.Tensor) -> torch.Tensor:
     return torch.arccos(cos) / math.pi
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Measure without dropout; every module's own train/eval flag is put back on exit."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm the model applies after its last decoder layer (HF's last `hidden_states` entry is its output)."""
-    for path in FINAL_NORMS:
-        module: object = model
-        for part in path.split("."):
-            module = getattr(module, part, None)
-            if module is None:
-                break
-        if isinstance(module, nn.Module):
-            return module
+    found = first_path(model, FINAL_NORMS, nn.Module)
+    if found is not None:
+        return found[1]
     raise ValueError(f"cannot find the final norm of {type(model).__name__} (looked for {list(FINAL_NORMS)}); "
                      f"use last_state=raw")
 
@@ -148,6 +131,7 @@ class SpanMetric(LayerMetric):
     (each layer's own input vs output); the runner uses `select`.
     """
 
+    reuse = Reuse.SPAN  # one span for exactly n layers: only a cached selection for the same n serves
     lead = 0
     last_state = "raw"
 
@@ -155,7 +139,7 @@ class SpanMetric(LayerMetric):
                  protect_last: int = 0):
         super().__init__(iterative=False, protect_first=protect_first, protect_last=protect_last)
         self.tokens = check_choice("tokens", tokens, TOKENS)
-        self.dtype = resolve_accum_dtype(accum_dtype)
+        self.accum_dtype, self.dtype = accum_dtype, resolve_accum_dtype(accum_dtype)
 
     @staticmethod
     def per_token(cos: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from torch import nn
 
 from baselines._common import LAST_STATES, TOKENS, angular, check_choice, resolve_accum_dtype, state_distances
 from gradmap import surgery
-from gradmap.metric import Calibration, Cost, LayerMetric
+from gradmap.metric import Calibration, Cost, LayerMetric, Reuse
 
 DISTANCES = ("cosine", "angular")
 
@@ -40,6 +40,7 @@ class BlockInfluence(LayerMetric):
     """
 
     name = "bi"
+    reuse = Reuse.RANKED  # one-shot (the paper): one scoring pass serves every n
 
     def __init__(self, distance: str = "cosine", tokens: str = "all", iterative: bool = False,
                  accum_dtype: str = "float64", last_state: str = "final_norm", protect_first: int = 0,
@@ -47,7 +48,7 @@ class BlockInfluence(LayerMetric):
         super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
         self.distance = check_choice("distance", distance, DISTANCES)
         self.tokens = check_choice("tokens", tokens, TOKENS)
-        self.dtype = resolve_accum_dtype(accum_dtype)
+        self.accum_dtype, self.dtype = accum_dtype, resolve_accum_dtype(accum_dtype)
         self.last_state = check_choice("last_state", last_state, LAST_STATES)
 
     def per_token(self, cos: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,9 @@ import math
 import torch
 from torch import nn
 
-from baselines._common import eval_mode
 from gradmap import surgery
-from gradmap.metric import Calibration, Cost, LayerMetric, progress
+from gradmap.grad_state import eval_mode
+from gradmap.metric import Calibration, Cost, LayerMetric, Reuse, progress
 from gradmap.models import model_device
 
 
@@ -48,6 +48,7 @@ class PerplexityDrop(LayerMetric):
     """
 
     name = "ppl"
+    reuse = Reuse.RANKED  # one-shot (the paper): one scoring pass serves every n
 
     def __init__(self, iterative: bool = False, protect_first: int = 0, protect_last: int = 0):
         super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)

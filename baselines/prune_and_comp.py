@@ -10,29 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from baselines._compensation import (contiguous_gaps, dense_final_states, final_rel_error, layer_io_stats,
-                                     layer_states)
 from gradmap import surgery
+from gradmap.capture import dense_final_states, final_rel_error, layer_io_stats, layer_states
 from gradmap.compensation import Compensation, IncompatibleCompensationError
-from gradmap.metric import Calibration, Cost, Decision, DecisionCallback, LayerMetric, Selection, progress
-from gradmap.projection import POST_MLP_NORMS
-from gradmap.validation import ConfigError
-
-# The modules of a pre-norm decoder layer that write into the residual stream (attention and MLP output
-# projections); together with the input embedding they are everything the residual stream is a sum of.
-RESIDUAL_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
-# Norms applied to a sublayer's output before the residual add (Gemma 2/3) absorb any scale folded before them.
-POST_SUBLAYER_NORMS = POST_MLP_NORMS + ("pre_feedforward_layernorm",)
-
-
-def _submodule(layer: nn.Module, path: str) -> nn.Module | None:
-    module: Any = layer
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
-
+from gradmap.errors import ConfigError
+from gradmap.metric import Calibration, Cost, Decision, DecisionCallback, LayerMetric, Reuse, Selection, progress
+from gradmap.module_paths import POST_SUBLAYER_NORMS, RESIDUAL_WRITERS, get_path
 
 def embeddings_tied(model: nn.Module) -> bool:
     out = model.get_output_embeddings()
@@ -65,7 +48,7 @@ def scale_prefix(model: nn.Module, upto: int, s: float) -> None:
     layers = surgery.get_decoder_layers(model)
     for j in range(upto + 1):
         for path in RESIDUAL_WRITERS:
-            proj = _submodule(layers[j], path)
+            proj = get_path(layers[j], path)
             proj.weight.mul_(s)
             if getattr(proj, "bias", None) is not None:
                 proj.bias.mul_(s)
@@ -115,9 +98,11 @@ def magnitude_ratio(dense: list[torch.Tensor], pruned: list[torch.Tensor]) -> tu
     return ratio_from_stats([token_stat(h) for h in dense], [token_stat(h) for h in pruned], "token_l2")
 
 
-def is_span_metric(metric: LayerMetric) -> bool:
-    """Metrics that choose one contiguous block in a single decision (they override `LayerMetric.select`)."""
-    return type(metric).select is not LayerMetric.select
+def selects_itself(metric: LayerMetric) -> bool:
+    """Metrics whose selection is not a ranking of per-layer scores (`Reuse.SPAN`: one contiguous block in one
+    decision; `Reuse.GREEDY`: their own decision procedure): Prune&Comp selects with them once, on the dense model,
+    and compensates once per gap (`procedure: span`), since its loop can only take a ranking's lowest layer."""
+    return metric.reuse is not Reuse.RANKED
 
 
 class PruneAndComp(Compensation):
@@ -190,7 +175,7 @@ class PruneAndComp(Compensation):
 
     def check_compatible(self, model: nn.Module, removed: list[int]) -> None:
         layer = surgery.get_decoder_layers(model)[0]
-        missing = [p for p in RESIDUAL_WRITERS if not isinstance(_submodule(layer, p), nn.Linear)]
+        missing = [p for p in RESIDUAL_WRITERS if not isinstance(get_path(layer, p), nn.Linear)]
         if missing:
             raise IncompatibleCompensationError(
                 f"prune_and_comp folds its scale into the residual writers {list(RESIDUAL_WRITERS)} and the input "
@@ -203,11 +188,11 @@ class PruneAndComp(Compensation):
         if model.get_input_embeddings() is None:
             raise IncompatibleCompensationError(f"{type(model).__name__} exposes no input embedding to scale")
 
-    def selection_reuse(self, metric: LayerMetric) -> str:
-        """How a cached interleaved selection may be reused (the `LayerMetric.reuse` vocabulary of `gradmap.cache`):
-        "prefix" for per-layer metrics (the first k decisions of a longer run are the run for k, and
-        `prune_iteratively(resume=...)` replays cached decisions), "exact" for span metrics."""
-        return "exact" if is_span_metric(metric) else "prefix"
+    def selection_reuse(self, metric: LayerMetric) -> Reuse:
+        """What the interleaved selection is, for the selection cache: a greedy order for ranking metrics (the first
+        k decisions of a longer run are the run for k, and `prune_iteratively(resume=...)` replays cached
+        decisions), else one selection for exactly n (`Reuse.SPAN`)."""
+        return Reuse.SPAN if selects_itself(metric) else Reuse.GREEDY
 
     # ------------------------------------------------------------------------------------------------- one-shot
 
@@ -227,7 +212,7 @@ class PruneAndComp(Compensation):
         stat = STATS[self.ratio]
         original_count = surgery.num_layers(model) + len(removed)
         kept = surgery.kept_indices(original_count, list(removed))
-        gaps = contiguous_gaps(removed)
+        gaps = surgery.contiguous_gaps(removed)
         with surgery.dense_view(model, removed):  # dense references first: the folds change shared kept layers
             ends = sorted({b for _, b in gaps})
             dense = {b: outs for b, (_, outs) in layer_io_stats(model, calib, ends, stat).items()}
@@ -270,7 +255,7 @@ class PruneAndComp(Compensation):
         original_count = surgery.num_layers(model)
         metric.check_budget(original_count, num_prune)
         self.check_compatible(model, [])
-        if is_span_metric(metric):  # one decision, one gap: compensated once (the official CosSim_CL.py)
+        if selects_itself(metric):  # one selection, compensated once per gap (span metrics: the official CosSim_CL.py)
             selection = metric.select(model, calib, num_prune, cost, on_decision=on_decision,
                                       **({"resume": resume} if resume else {}))
             report = self._one_shot(model, surgery.remove_layers(model, selection.removed), calib)

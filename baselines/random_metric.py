@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from gradmap import surgery
-from gradmap.metric import Calibration, Cost, LayerMetric
+from gradmap.metric import Calibration, Cost, LayerMetric, Reuse
 
 
 class RandomMetric(LayerMetric):
@@ -24,6 +24,7 @@ class RandomMetric(LayerMetric):
     """
 
     name = "random"
+    reuse = Reuse.RANKED  # one-shot: one draw serves every n
 
     def __init__(self, seed: int = 0, protect_first: int = 0, protect_last: int = 0):
         super().__init__(iterative=False, protect_first=protect_first, protect_last=protect_last)

@@ -7,10 +7,10 @@ from typing import Any
 
 from torch import nn
 
-from baselines._compensation import contiguous_gaps
+from gradmap import surgery
+from gradmap.errors import ConfigError
 from gradmap.metric import Calibration, Cost
 from gradmap.projection import ProjectionCompensation
-from gradmap.validation import ConfigError
 
 
 class ReplaceMe(ProjectionCompensation):
@@ -67,5 +67,5 @@ class ReplaceMe(ProjectionCompensation):
             self.check_calibration(model, calib.num_tokens)
         report = super().apply(model, removed, calib, cost)
         report["method"] = "ReplaceMe lstsq"
-        report["uncompensated_gaps"] = [[a, b] for a, b in contiguous_gaps(removed) if a == 0]
+        report["uncompensated_gaps"] = [[a, b] for a, b in surgery.contiguous_gaps(removed) if a == 0]
         return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from baselines.ppl import PerplexityDrop
+from gradmap.metric import Reuse
 
 
 class SLEB(PerplexityDrop):
@@ -29,6 +30,7 @@ class SLEB(PerplexityDrop):
     """
 
     name = "sleb"
+    reuse = Reuse.RANKED  # iterative (the paper): a greedy order, reused as a prefix
 
     def __init__(self, iterative: bool = True, protect_first: int = 1, protect_last: int = 1):
         super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)

@@ -10,17 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from baselines._compensation import dense_final_states, final_rel_error, layer_states
 from gradmap import surgery
-from gradmap.capture import _hidden
+from gradmap.capture import dense_final_states, dense_states, final_rel_error, hidden_of, layer_calls
 from gradmap.compensation import Compensation, IncompatibleCompensationError
 from gradmap.metric import Calibration, Cost, progress
 from gradmap.models import model_device
-from gradmap.validation import ConfigError
+from gradmap.errors import ConfigError
 
 PARTS = ("layer", "ffn")
-# Decoder-layer call arguments that must not be replayed: the cache belongs to the forward that produced them.
-_NOT_REPLAYED = ("hidden_states", "past_key_values", "past_key_value", "layer_past", "use_cache", "cache_position")
 
 
 def _to_float(x: Any, dtype: torch.dtype) -> Any:
@@ -34,28 +31,6 @@ def _to_float(x: Any, dtype: torch.dtype) -> Any:
 
 def _to_float_kw(kw: dict) -> dict:
     return {k: _to_float(v, torch.float32) for k, v in kw.items()}
-
-
-@torch.no_grad()
-def capture_layer_calls(model: nn.Module, calib: Calibration, position: int) -> list[tuple[torch.Tensor, tuple, dict]]:
-    """Per calibration batch, (hidden input, other positional args, kwargs) of the decoder layer at `position`, as
-    the current (pruned) model calls it: replaying them runs the layer exactly as inside the model (RoPE
-    position embeddings, attention mask, ...)."""
-    calls: list[tuple[torch.Tensor, tuple, dict]] = []
-
-    def hook(_m, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        rest = args if "hidden_states" in kwargs else args[1:]
-        kw = {k: v for k, v in kwargs.items() if k not in _NOT_REPLAYED}
-        calls.append((hidden.detach().float().cpu(), rest, {**kw, "use_cache": False}))
-
-    handle = surgery.get_decoder_layers(model)[position].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in calib.batches(model_device(model)):
-            model(input_ids=batch, use_cache=False)
-    finally:
-        handle.remove()
-    return calls
 
 
 class StreamlineTraining(Compensation):
@@ -76,6 +51,7 @@ class StreamlineTraining(Compensation):
     embeddings) to its own dense output (reported as `side: after`). In general the trained kept layer k targets
     the dense input of the next kept layer (dense output of next_kept(k) - 1, or of the last layer).
 
+    `part` (required: streamline_layer.yaml and streamline_ffn.yaml share this class and differ here):
     `part=layer`: the whole decoder layer is trained (the paper's transformer-layer lightweight network).
     `part=ffn`: only its MLP is trained (the paper's FFN variant, adapted: attention stays as it is). The layer is
     still called as a whole with only the MLP's parameters trainable, which for a pre-norm layer is the same as
@@ -113,7 +89,7 @@ class StreamlineTraining(Compensation):
     name = "streamline"
     trains = True
 
-    def __init__(self, part: str = "layer", epochs: int = 20, lr: float = 2e-4, min_lr: float = 5e-5,
+    def __init__(self, part: str, epochs: int = 20, lr: float = 2e-4, min_lr: float = 5e-5,
                  weight_decay: float = 1e-3, warmup_ratio: float = 0.08, decay_horizon: float = 8.0,
                  max_grad_norm: float = 5.0):
         if part not in PARTS:
@@ -156,8 +132,8 @@ class StreamlineTraining(Compensation):
         # Kept layers followed by a gap; plus the first kept layer when the model starts with a gap.
         sites = [j for j in range(len(kept)) if aligned[j] != kept[j] or (j == 0 and kept[0] > 0)]
 
-        with surgery.dense_view(model, removed):  # dense targets first: training changes shared kept layers
-            targets = layer_states(model, calib, sorted({aligned[j] for j in sites}))
+        # Dense targets first: training changes kept layers, which the dense view shares.
+        targets = dense_states(model, removed, calib, {aligned[j] for j in sites})
         dense_final = dense_final_states(model, removed, calib)
         error_before = final_rel_error(model, calib, dense_final)
 
@@ -168,7 +144,7 @@ class StreamlineTraining(Compensation):
             for p in model.parameters():
                 p.requires_grad_(False)
             for j in progress(sites, desc=f"{self.name}: trained layers", unit="layer"):  # depth order
-                calls = capture_layer_calls(model, calib, j)
+                calls = layer_calls(model, calib, j)
                 rep = self._train(surgery.get_decoder_layers(model)[j], calls, targets[aligned[j]], cost)
                 side = "after" if j == 0 and kept[0] > 0 else "before"
                 reports.append({"kept_position": j, "original_layer": kept[j], "target_dense_layer": aligned[j],
@@ -215,7 +191,7 @@ class StreamlineTraining(Compensation):
 
         def run(b: int) -> tuple[torch.Tensor, torch.Tensor]:
             hidden, rest, kw = calls[b]
-            out = _hidden(layer(hidden.to(device), *_to_float(rest, torch.float32), **_to_float_kw(kw)))
+            out = hidden_of(layer(hidden.to(device), *_to_float(rest, torch.float32), **_to_float_kw(kw)))
             return out, targets[b].to(device)
 
         @torch.no_grad()

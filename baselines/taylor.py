@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from baselines._common import check_choice, eval_mode, resolve_accum_dtype
+from baselines._common import check_choice, resolve_accum_dtype
 from gradmap import surgery
-from gradmap.gradmap_metric import grad_state_preserved, gradient_checkpointing, only_layer_weights_trainable
-from gradmap.metric import Calibration, Cost, LayerMetric
+from gradmap.grad_state import eval_mode, grad_state_preserved, gradient_checkpointing, only_layer_weights_trainable
+from gradmap.metric import Calibration, Cost, LayerMetric, Reuse
 from gradmap.models import model_device
 
 # weights: parameters whose name contains "weight" (official anal_block_sensitivity_taylor.py in
@@ -45,15 +45,17 @@ class BlockTaylor(LayerMetric):
             gradient per block weight (float64 would double that memory); float64 for exact checks.
         gradient_checkpointing: recompute activations in backward to save memory on large models (off by default).
         parameters: `weights` (default, the official code: no biases) or `all` (biases included).
-        protect_first / protect_last: blocks never pruned; 0 / 0 for Taylor, 4 / 2 for Taylor+ (the paper).
+        protect_first / protect_last: blocks never pruned; required (no default: taylor.yaml and taylor_plus.yaml
+            share this class and differ here): 0 / 0 for Taylor, 4 / 2 for Taylor+ (the paper).
     """
 
     name = "taylor"
+    reuse = Reuse.RANKED  # one-shot (the paper): one scoring pass serves every n
 
-    def __init__(self, iterative: bool = False, accum_dtype: str = "float32", gradient_checkpointing: bool = False,
-                 parameters: str = "weights", protect_first: int = 0, protect_last: int = 0):
+    def __init__(self, protect_first: int, protect_last: int, iterative: bool = False, accum_dtype: str = "float32",
+                 gradient_checkpointing: bool = False, parameters: str = "weights"):
         super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
-        self.dtype = resolve_accum_dtype(accum_dtype)
+        self.accum_dtype, self.dtype = accum_dtype, resolve_accum_dtype(accum_dtype)
         self.gradient_checkpointing = gradient_checkpointing
         self.parameters = check_choice("parameters", parameters, PARAMETERS)
 
@@ -76,13 +78,13 @@ class BlockTaylor(LayerMetric):
         single = calib.num_batches == 1
         total = calib.input_ids.shape[0] * (calib.input_ids.shape[1] - 1)  # predicted tokens (labels are shifted)
         buffers: dict[nn.Parameter, torch.Tensor] = {}
-        state = {"w": 0.0}
+        share = 0.0  # the running micro-batch's share of the predicted tokens (read by the hook)
 
         def taylor(p: nn.Parameter, g: torch.Tensor) -> float:
             return float((p.detach().to(self.dtype) * g).abs().sum())
 
         def hook(p: nn.Parameter) -> None:
-            g = p.grad.to(self.dtype) * state["w"]  # this micro-batch's share of the full-batch gradient
+            g = p.grad.to(self.dtype) * share  # this micro-batch's share of the full-batch gradient
             p.grad = None
             if single:
                 scores[owner[p]] += taylor(p, g)
@@ -94,7 +96,7 @@ class BlockTaylor(LayerMetric):
         handles = [p.register_post_accumulate_grad_hook(hook) for p in owner]
         try:
             for batch in calib.batches(model_device(model)):
-                state["w"] = batch.shape[0] * (batch.shape[1] - 1) / total
+                share = batch.shape[0] * (batch.shape[1] - 1) / total
                 model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
                 cost.backward_tokens += batch.numel()
         finally:

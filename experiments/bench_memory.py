@@ -28,7 +28,7 @@ def _measure(mode: str, model_name: str, device: str, tokens: tuple[int, int]) -
     from gradmap.gradmap_metric import GradMAPMetric
     from gradmap.metric import Calibration, Cost
     from gradmap.models import load_model
-    from gradmap.record import _PeakRSS, _rss_bytes
+    from gradmap.memory import PeakRSS, rss_bytes
 
     from pathlib import Path
 
@@ -61,9 +61,9 @@ def _measure(mode: str, model_name: str, device: str, tokens: tuple[int, int]) -
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() if cuda else _rss_bytes()
+    base = torch.cuda.memory_allocated() if cuda else rss_bytes()
     t0 = time.perf_counter()
-    with _PeakRSS() as rss:
+    with PeakRSS() as rss:
         once()
         if cuda:
             torch.cuda.synchronize()

@@ -29,11 +29,12 @@ import pandas as pd
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from gradmap.cache import SelectionCache, selection_key
+from gradmap.cache import SelectionCache, cache_root_of, selection_key
 from gradmap.data import load_calibration
-from gradmap.metric import Cost, count_forward_tokens
+from gradmap.metric import Cost, Selection, count_forward_tokens
 from gradmap.models import load_model
-from gradmap.runner import cache_root_of, num_to_prune, seed_everything
+from gradmap.runner import seed_everything
+from gradmap.validation import num_to_prune
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_METRICS = ["bi", "taylor", "streamline", "angular", "gradmap", "gradmap-oneshot=gradmap,metric.iterative=false",
@@ -61,26 +62,29 @@ def stability(removed_sets: list[set[int]]) -> dict[str, Any]:
 
 
 def selection_for(overrides: list[str], model, tokenizer, cache: SelectionCache) -> tuple[list[int], float, bool]:
-    """(removed layers, scoring seconds when it was computed, from cache?) for one composed config."""
+    """(removed layers, scoring seconds when it was computed, from cache?) for one composed config, through the
+    selection cache that `run.py` uses (`SelectionCache.get_or_compute`)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     n = num_to_prune(len(model.model.layers), cfg.prune_ratio, cfg.get("num_prune"))
     metric = instantiate(cfg.metric)
-    key = selection_key(cfg)
-    cached, complete = cache.lookup(key, metric, n)
-    if cached is not None and complete:
-        if metric.reuse == "scores":  # one scoring pass serves every n: re-pick the n lowest, no model call
-            cached = metric.select(model, None, n, Cost(), resume=cached)
-        return sorted(cached.removed), cached.seconds, True
-    seed_everything(cfg.seed)
-    calib = load_calibration(cfg.calibration, tokenizer)
-    cost = Cost()
-    t0 = time.perf_counter()
-    with count_forward_tokens(model, cost):
-        selection = metric.select(model, calib, n, cost, **({"resume": cached} if cached is not None else {}))
-    seconds = time.perf_counter() - t0
-    cache.store(key, n, selection, {"model": cfg.model.get("asset"), "metric": overrides[0]})
-    return sorted(selection.removed), seconds, False
+    seconds = 0.0
+
+    def compute(resume: Selection | None) -> Selection:
+        nonlocal seconds
+        seed_everything(cfg.seed)
+        calib = load_calibration(cfg.calibration, tokenizer)
+        cost = Cost()
+        t0 = time.perf_counter()
+        with count_forward_tokens(model, cost):
+            selection = metric.select(model, calib, n, cost, resume=resume)
+        seconds = time.perf_counter() - t0
+        return selection
+
+    got = cache.get_or_compute(selection_key(cfg), n, metric.reuse, metric.iterative, compute,
+                               {"model": cfg.model.get("asset"), "metric": overrides[0]})
+    hit = got.source == "cache"
+    return sorted(got.selection.removed), got.selection.seconds if hit else seconds, hit
 
 
 def main(argv: list[str] | None = None) -> int:

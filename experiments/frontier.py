@@ -2,7 +2,7 @@
 
     python -m experiments.frontier SWEEP_DIR [SWEEP_DIR ...] --out DIR [--text TEXT]... [--cost tokens|seconds]
 
-Reads every finished `record.json` under the folders (`experiments.report.load_records`: the newest run per
+Reads every finished `record.json` under the folders (`experiments.records.load_records`: the newest run per
 configuration and seed; failed jobs become notes) and builds one row per (model, prune ratio, metric, compensation,
 calibration budget). The metric label is the Hydra choice plus the metric settings that differ between runs of
 that choice (`gradmap [iterative=false]`, `gradmap_verify [candidates=4]`); the calibration budget is a column of
@@ -40,8 +40,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from experiments.report import (LABEL_IGNORE, NoRecordsError, _choice, _measures, _num, _pruning_tokens, _pyplot,
-                                _ratio, label_variants, load_records, protocol)
+from experiments.records import (LABEL_IGNORE, NoRecordsError, ReportedRun, choice, label_variants, load_records,
+                                 num, protocol, pruning_seconds, pruning_tokens, ratio_of, result_columns)
+from experiments.report_plots import pyplot
 
 GROUP = ["model", "prune_ratio", "metric", "compensation", "budget_tokens", "calib_samples", "calib_seq_len"]
 COSTS = {"tokens": "pruning_tokens", "seconds": "pruning_seconds"}
@@ -83,19 +84,19 @@ def pareto_front(points: Iterable[Sequence[float]]) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------------- table
 
-def _budget(rec: dict[str, Any]) -> tuple[float, float, float]:
+def _budget(rec: ReportedRun) -> tuple[float, float, float]:
     """(tokens, windows, window length) of the calibration set the run used (recorded, else from its config)."""
-    used, cfg = rec.get("calibration") or {}, rec.get("config", {}).get("calibration") or {}
-    samples = _num(used.get("num_samples", cfg.get("num_samples")))
-    seq_len = _num(used.get("seq_len", cfg.get("seq_len")))
-    tokens = _num(used.get("tokens", samples * seq_len))
+    used, cfg = rec.calibration or {}, rec.config.get("calibration") or {}
+    samples = num(used.get("num_samples", cfg.get("num_samples")))
+    seq_len = num(used.get("seq_len", cfg.get("seq_len")))
+    tokens = num(used.get("tokens", samples * seq_len))
     return tokens, samples, seq_len
 
 
-def ppl_columns(records: list[dict[str, Any]], texts: list[str] | None = None) -> list[str]:
+def ppl_columns(records: list[ReportedRun], texts: list[str] | None = None) -> list[str]:
     """The perplexity headline columns (`ppl@<len>/<text>`), restricted to `texts`: held-out text names
     (`wiki_test`, every window length) or full column names; an unknown name raises FrontierError."""
-    cols = _measures(records)[0]
+    cols = result_columns(records)[0]
     if not cols:
         raise FrontierError("the records hold no perplexity (ppl@<len>/<text>) results")
     if not texts:
@@ -110,7 +111,7 @@ def ppl_columns(records: list[dict[str, Any]], texts: list[str] | None = None) -
     return chosen
 
 
-def build_frontier(records: list[dict[str, Any]], ppl: list[str], cost: str = "tokens") -> pd.DataFrame:
+def build_frontier(records: list[ReportedRun], ppl: list[str], cost: str = "tokens") -> pd.DataFrame:
     """One row per GROUP: `seeds`, each ppl column's mean and sd over seeds, mean pruning tokens and seconds, and
     a `<ppl column> pareto` flag per column for the `cost` ("tokens" or "seconds") within each (model, ratio)."""
     ignore = LABEL_IGNORE + BUDGET_KEYS
@@ -119,13 +120,12 @@ def build_frontier(records: list[dict[str, Any]], ppl: list[str], cost: str = "t
     rows = []
     for rec, metric, comp in zip(records, metrics, comps):
         tokens, samples, seq_len = _budget(rec)
-        pruned = rec["results"]["headline"]["pruned"]
-        seconds = rec.get("pruning_seconds_original", (rec.get("timings") or {}).get("pruning_seconds"))
-        rows.append({"model": _choice(rec, "model"), "prune_ratio": _ratio(rec), "metric": metric,
+        pruned = rec.results["headline"]["pruned"]
+        rows.append({"model": choice(rec, "model"), "prune_ratio": ratio_of(rec), "metric": metric,
                      "compensation": comp, "budget_tokens": tokens, "calib_samples": samples,
-                     "calib_seq_len": seq_len, "seed": rec.get("config", {}).get("seed"),
-                     **{c: _num(pruned.get(c)) for c in ppl},
-                     "pruning_tokens": _pruning_tokens(rec), "pruning_seconds": _num(seconds)})
+                     "calib_seq_len": seq_len, "seed": rec.config.get("seed"),
+                     **{c: num(pruned.get(c)) for c in ppl},
+                     "pruning_tokens": pruning_tokens(rec), "pruning_seconds": pruning_seconds(rec)})
     runs = pd.DataFrame(rows)
     groups = runs.groupby(GROUP, dropna=False)
     table = groups.agg(seeds=("seed", "size"), **{c: (c, "mean") for c in ppl},
@@ -259,14 +259,14 @@ def to_markdown(table: pd.DataFrame, ppl: list[str]) -> str:
 
 # -------------------------------------------------------------------------------------------------------- plot
 
-def dense_reference(records: list[dict[str, Any]], ppl: list[str]) -> dict[tuple[str, str], float]:
+def dense_reference(records: list[ReportedRun], ppl: list[str]) -> dict[tuple[str, str], float]:
     """(model, ppl column) -> dense perplexity, from the newest record of the model."""
     out = {}
-    for rec in sorted(records, key=lambda r: r["_time"]):
+    for rec in sorted(records, key=lambda r: r.finish_time):
         for col in ppl:
-            value = _num(rec["results"]["headline"]["dense"].get(col))
+            value = num(rec.results["headline"]["dense"].get(col))
             if not math.isnan(value):
-                out[(_choice(rec, "model"), col)] = value
+                out[(choice(rec, "model"), col)] = value
     return out
 
 
@@ -282,7 +282,7 @@ def plot_frontier(table: pd.DataFrame, ppl: list[str], cost: str, path: Path,
     numbered; the key under each panel names them."""
     from matplotlib.lines import Line2D
 
-    plt, cost_col, dense = _pyplot(), COSTS[cost], dense or {}
+    plt, cost_col, dense = pyplot(), COSTS[cost], dense or {}
     groups = sorted(table.groupby(["model", "prune_ratio"]).groups)
     metrics = sorted(table["metric"].unique())
     comps = sorted(table["compensation"].unique(), key=lambda c: (c != "none", c != "projection", c))

@@ -3,7 +3,8 @@
 Selections are keyed by everything that determines them (model, metric config, calibration config, seed, dtype),
 not by the prune ratio, so a ratio sweep scores once: a one-shot metric's single scoring pass serves every n, an
 iterative metric's order for a larger n extends (or truncates) a cached shorter one, and span metrics reuse only
-the same n.
+the same n. `SelectionCache.get_or_compute` is the one place that decides this, from the metric's `reuse` class
+attribute (`gradmap.metric.Reuse`).
 
 Entries are written atomically and checked on read: an entry that is not JSON, or is JSON of the wrong shape (a
 selection whose scores do not cover the model's layers, a removal order that is not the decisions' removals, a
@@ -13,15 +14,18 @@ dense result without the texts and window lengths asked for), is reported in one
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from gradmap.files import atomic_write_json, move_aside, read_json
-from gradmap.metric import OPTIONAL_DECISION_FIELDS, Decision, LayerMetric, Selection
-from gradmap.record import stable_hash
+from gradmap.files import atomic_write_json, json_default, move_aside, read_json
+from gradmap.metric import OPTIONAL_DECISION_FIELDS, Decision, Reuse, Selection
 
 CACHE_VERSION = 1
 DECISION_FIELDS = {"step": int, "scores": list, "removed": list, "seconds": (int, float),
@@ -32,6 +36,12 @@ class CacheEntryError(ValueError):
     """A cache entry that parses but does not have the expected shape."""
 
 
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Content hash of a JSON-able object (key order independent)."""
+    blob = json.dumps(obj, sort_keys=True, default=json_default)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
 def selection_key(cfg: DictConfig) -> str:
     """Hash of what determines a metric's decisions; the prune ratio and the compensation are deliberately out."""
     return stable_hash({
@@ -40,6 +50,27 @@ def selection_key(cfg: DictConfig) -> str:
         "calibration": OmegaConf.to_container(cfg.calibration, resolve=True),
         "seed": cfg.seed, "dtype": cfg.get("dtype"), "v": CACHE_VERSION,
     })
+
+
+def interleaved_key(cfg: DictConfig) -> str:
+    """Key of a selection made together with its compensation (Prune&Comp): the selection key and the compensation
+    config, since the compensation changes the model the metric rescores."""
+    return stable_hash({"selection": selection_key(cfg), "v": 1,
+                        "compensation": OmegaConf.to_container(cfg.compensation, resolve=True)})
+
+
+def dense_cache_key(cfg: DictConfig) -> str:
+    """Dense results depend only on the model and the evaluation settings (and the seed used by lm-eval)."""
+    return stable_hash({"model": OmegaConf.to_container(cfg.model, resolve=True),
+                        "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+                        "dtype": cfg.get("dtype"), "seed": cfg.seed, "v": 2})
+
+
+def cache_root_of(cfg: DictConfig) -> Path:
+    """The cache folder of a run config: its `cache_dir`, else `$GRADMAP_CACHE` or `~/.cache/gradmap`."""
+    from gradmap.assets import cache_root
+
+    return Path(cfg.get("cache_dir") or cache_root(default=True)).expanduser()
 
 
 def read_json_entry(path: Path, discard_corrupt: bool = True) -> dict[str, Any] | None:
@@ -123,11 +154,23 @@ def check_dense_entry(entry: Any, key: str, texts: list[str], seq_lens: list[int
     return results
 
 
-class SelectionCache:
-    """One JSON file per key: {"selections": {str(n): selection dict}}."""
+@dataclass
+class CachedSelection:
+    """What `SelectionCache.get_or_compute` gives: the selection, where it came from (`computed`, `cache`,
+    `cache+extended`) and the decisions made now (not taken from the cache)."""
 
-    def __init__(self, root: Path):
+    selection: Selection
+    source: str
+    fresh: list[Decision]
+
+
+class SelectionCache:
+    """One JSON file per key: {"selections": {str(n): selection dict}}. `enabled=False` (`cache_selection=false`)
+    reads and writes nothing."""
+
+    def __init__(self, root: Path, enabled: bool = True):
         self.root = Path(root) / "selections"
+        self.enabled = enabled
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.json"
@@ -144,23 +187,41 @@ class SelectionCache:
             move_aside(path, f"malformed selection entry: {err}")
             return {}
 
-    def lookup(self, key: str, metric: LayerMetric, n: int,
-               num_layers: int | None = None) -> tuple[Selection | None, bool]:
-        """Return (selection to use or resume from, complete). complete=False means resume from it."""
+    def reusable(self, key: str, n: int, reuse: Reuse, iterative: bool,
+                 num_layers: int | None = None) -> Selection | None:
+        """A cached selection that serves `n` removals, or None: the one for n; for a one-shot ranking (`RANKED`,
+        not iterative) any one (its scores are re-picked); for a greedy order (`GREEDY`, or `RANKED` iterative) the
+        first n decisions of a longer one, else the longest shorter one (to be continued); for `SPAN` only n."""
         cached = self.entries(key, num_layers)
         if not cached:
-            return None, False
+            return None
         if n in cached:
-            return cached[n], True
-        if metric.reuse == "scores" and cached:
-            return next(iter(cached.values())), True  # select() re-picks the n lowest from the same scores
-        if metric.reuse == "prefix" and cached:
+            return cached[n]
+        if reuse is Reuse.RANKED and not iterative:
+            return next(iter(cached.values()))
+        if reuse is Reuse.GREEDY or (reuse is Reuse.RANKED and iterative):
             longer = [m for m in cached if m > n]
             if longer:
                 sel = cached[min(longer)]
-                return Selection(removed=sel.removed[:n], decisions=sel.decisions[:n]), True
-            return cached[max(cached)], False
-        return None, False
+                return Selection(removed=sel.removed[:n], decisions=sel.decisions[:n])
+            return cached[max(cached)]
+        return None
+
+    def get_or_compute(self, key: str, n: int, reuse: Reuse, iterative: bool,
+                       compute: Callable[[Selection | None], Selection], meta: dict[str, Any],
+                       num_layers: int | None = None) -> CachedSelection:
+        """The selection for `n` removals: `compute(resume)` with the reusable cached selection (None when there is
+        none, or the cache is off). Every metric's `select` (and Prune&Comp's loop) takes a `resume` as it is:
+        re-picks a one-shot ranking's n lowest, continues or truncates a greedy order, returns a span for the same
+        n, so `compute` is always called, and is cheap when the cache serves everything. A selection that added
+        decisions is stored."""
+        resume = self.reusable(key, n, reuse, iterative, num_layers) if self.enabled else None
+        selection = compute(resume)
+        fresh = selection.decisions[len(resume.decisions) if resume is not None else 0:]
+        source = "computed" if resume is None else ("cache" if not fresh else "cache+extended")
+        if self.enabled and source != "cache":
+            self.store(key, n, selection, meta, num_layers)
+        return CachedSelection(selection, source, fresh)
 
     def store(self, key: str, n: int, selection: Selection, meta: dict[str, Any],
               num_layers: int | None = None) -> None:
@@ -170,13 +231,6 @@ class SelectionCache:
         atomic_write_json(self.path(key), entry)
 
 
-def finished_record(out_dir: Path, resolved_config: dict[str, Any]) -> dict[str, Any] | None:
-    """The job's record if it already finished with exactly this resolved config (then the job is skipped)."""
-    rec = read_json(Path(out_dir) / "record.json", discard_corrupt=False)  # the job rewrites it
-    if isinstance(rec, dict) and rec.get("status") == "done" and rec.get("config") == resolved_config:
-        return rec
-    return None
-
-
-__all__ = ["CacheEntryError", "Decision", "SelectionCache", "check_dense_entry", "check_selection_entry",
-           "finished_record", "read_json_entry", "selection_key"]
+__all__ = ["CacheEntryError", "CachedSelection", "Decision", "SelectionCache", "cache_root_of", "check_dense_entry",
+           "check_selection_entry", "dense_cache_key", "interleaved_key", "read_json_entry",
+           "selection_key", "stable_hash"]

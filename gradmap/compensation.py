@@ -1,8 +1,9 @@
 """The compensation interface: repair a pruned model using the dense reference.
 
-`apply` receives the pruned model (changed in place) and the removed layers keyed by their original index; the
-dense model is available as `surgery.dense_view(model, removed)` without a second copy. It returns a report (sites,
-calibration error before/after, ...) that goes into the run record.
+`apply` receives the pruned model (changed in place) and the removed layers keyed by their original index (the
+`surgery.RemovedLayers` that `remove_layers` returned); the dense model is available as `removed.dense_view()`
+(or `surgery.dense_view(model, removed)`) without a second copy. It returns a report (sites, calibration error
+before/after, ...) that goes into the run record.
 
 A compensation is one file (in `gradmap/` or `baselines/`) with a subclass and one YAML in `conf/compensation/`.
 """
@@ -16,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from gradmap.metric import Calibration, Cost
-from gradmap.validation import ConfigError
+from gradmap.errors import ConfigError
 
 
 class IncompatibleCompensationError(ConfigError):
@@ -30,6 +31,10 @@ class IncompatibleCompensationError(ConfigError):
 class Compensation(ABC):
     name = "compensation"
     trains = False  # compensations that train report their training time separately
+    # True: selection and compensation interleave (Prune&Comp): the runner calls `prune_iteratively(model, metric,
+    # calib, n, cost, resume=..., on_decision=...) -> (Selection, report)` instead of select -> remove_layers ->
+    # apply, and caches that selection as `selection_reuse(metric)` (a `gradmap.metric.Reuse`) says.
+    interleaved = False
 
     def check_compatible(self, model: nn.Module, removed: list[int]) -> None:
         """Raise IncompatibleCompensationError if this pairing cannot work. Default: any pairing is fine."""

@@ -1,11 +1,14 @@
-"""Calibration windows and held-out evaluation tokens, from the offline Wikipedia asset, a JSONL file, or the hub.
+"""The calibration group (`conf/calibration/*.yaml`) and held-out evaluation text.
 
 Calibration follows the SparseGPT/ShortGPT recipe: `num_samples` windows of exactly `seq_len` tokens, each from a
-randomly chosen document at a random offset, drawn with `random.Random(seed)` so a seed fixes the set. Held-out
-text is the standard perplexity recipe: documents joined with "\\n\\n", tokenized once as one stream.
-Offline calibration and held-out text come from disjoint Wikipedia articles (see `gradmap.assets.build_wiki`):
+randomly chosen document at a random offset, drawn with `random.Random(seed)` so a seed fixes the set; its config
+classes, the `_target_`s of the YAMLs, are `WikiCalibration` (the offline Wikipedia extract or a JSONL file) and
+`HubCalibration` (WikiText-2 or C4 from the hub). Held-out text is the standard perplexity recipe: documents joined
+with "\\n\\n", tokenized once as one stream.
+Offline calibration and held-out text come from disjoint Wikipedia articles (see `gradmap.assets.wiki`):
 calibration reads only the `calib` split; evaluation reads `validation` (where choices are made) or `test` (what
 tables report), and a run with `tuning=true` is refused the `test` split, so no choice can see it.
+torch is imported where it is used, so validation can read the config classes without it.
 """
 
 from __future__ import annotations
@@ -14,28 +17,18 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
+from gradmap.errors import ConfigError, brief
+from gradmap.schema import HELDOUT_CORPORA, HUB_DATASETS, TEST_SPLIT, check_node, option
 
-from gradmap.metric import Calibration
-from gradmap.validation import CALIBRATION_SOURCES as SOURCES
-from gradmap.validation import HELDOUT_CORPORA, HUB_DATASETS, TEST_SPLIT, ConfigError, brief  # noqa: F401
+if TYPE_CHECKING:
+    import torch
+
+    from gradmap.metric import Calibration
+
 # Draws of a document shorter than a window before giving up (only reachable when almost every text is short).
 _MAX_SHORT_DRAWS = 10_000
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    """Read `key` from an omegaconf node or a plain dict."""
-    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    return default if value is None else value
-
-
-def _check_source(cfg: Any) -> str:
-    source = _get(cfg, "source")
-    if source not in SOURCES:
-        raise ConfigError("calibration.source", source, list(SOURCES), problem="not supported")
-    return source
 
 
 def _tokenize(tokenizer: Any, text: str) -> list[int]:
@@ -65,9 +58,9 @@ def read_jsonl_texts(path: str | Path, key: str = "path") -> list[str]:
     return texts
 
 
-def _offline_texts(cfg: Any, split: str, corpus: str = "wiki", key: str = "calibration.path") -> list[str]:
-    """`cfg.path` if given, else split `split` of the cached offline asset `corpus` (wiki: calib/validation/test)."""
-    path = _get(cfg, "path")
+def _offline_texts(path: str | None, split: str, corpus: str = "wiki", key: str = "calibration.path") -> list[str]:
+    """The JSONL file `path` if given, else split `split` of the cached offline asset `corpus` (wiki:
+    calib/validation/test)."""
     if path is None:
         from gradmap.assets import ensure
 
@@ -97,6 +90,8 @@ def sample_windows(texts: list[str], tokenizer: Any, num_samples: int, seq_len: 
     Documents are tokenized lazily and memoised, so only the drawn ones are tokenized (a few dozen articles, not
     the whole corpus). The +1 keeps the SparseGPT recipe's room for a shifted target.
     """
+    import torch
+
     if num_samples < 1:
         raise ConfigError("calibration.num_samples", num_samples, "an integer >= 1")
     if seq_len < 1:
@@ -130,32 +125,94 @@ def sample_windows(texts: list[str], tokenizer: Any, num_samples: int, seq_len: 
     return torch.tensor(windows, dtype=torch.long)
 
 
-def load_calibration(cfg: Any, tokenizer: Any) -> Calibration:
-    """Calibration windows from a `conf/calibration/*.yaml` node (source offline_wiki [+ path] or hub)."""
-    source = _check_source(cfg)
-    if source == "offline_wiki":
-        texts = _offline_texts(cfg, "calib")
-    else:
-        dataset = _get(cfg, "dataset", "wikitext2")
-        if dataset not in HUB_DATASETS:
-            raise ConfigError("calibration.dataset", dataset, list(HUB_DATASETS), problem="not supported")
+@dataclass
+class WikiCalibration:
+    """Windows from the `calib` split of the offline Wikipedia extract (`path: null`), or from a JSONL file of
+    {"text": ...} lines (conf/calibration/wiki_offline.yaml, tiny.yaml)."""
+
+    path: Optional[str] = option()
+    num_samples: int = option(ge=1)
+    seq_len: int = option(ge=2)  # one window predicts seq_len - 1 tokens
+    batch_size: int = option(ge=1)  # micro-batch rows per forward/backward (a memory knob)
+    seed: int = option(ge=0, le=2**32 - 1)
+
+    def texts(self) -> list[str]:
+        return _offline_texts(self.path, "calib")
+
+    def load(self, tokenizer: Any) -> Calibration:
+        return _windows(self, self.texts(), tokenizer)
+
+
+@dataclass
+class HubCalibration:
+    """Windows from the hub (needs internet): WikiText-2 train or C4 (conf/calibration/hub.yaml)."""
+
+    dataset: str = option(choices=HUB_DATASETS)
+    num_samples: int = option(ge=1)
+    seq_len: int = option(ge=2)
+    batch_size: int = option(ge=1)
+    seed: int = option(ge=0, le=2**32 - 1)
+
+    def texts(self) -> list[str]:
+        if self.dataset not in HUB_DATASETS:
+            raise ConfigError("calibration.dataset", self.dataset, list(HUB_DATASETS), problem="not supported")
         try:
-            texts = [t for t in _hub_texts(dataset, "train") if t.strip()]
+            return [t for t in _hub_texts(self.dataset, "train") if t.strip()]
         except Exception as err:  # noqa: BLE001  (no network, no datasets cache)
-            raise ConfigError("calibration.dataset", dataset, problem=f"cannot be read from the hub "
+            raise ConfigError("calibration.dataset", self.dataset, problem=f"cannot be read from the hub "
                               f"({brief(err)})",
                               hint="check network access or the datasets cache (HF_DATASETS_OFFLINE)") from err
-    input_ids = sample_windows(texts, tokenizer, int(_get(cfg, "num_samples", 128)), int(_get(cfg, "seq_len", 2048)),
-                               int(_get(cfg, "seed", 0)))
-    return Calibration(input_ids=input_ids, batch_size=int(_get(cfg, "batch_size", 8)))
+
+    def load(self, tokenizer: Any) -> Calibration:
+        return _windows(self, self.texts(), tokenizer)
+
+
+def _windows(cfg: WikiCalibration | HubCalibration, texts: list[str], tokenizer: Any) -> Calibration:
+    from gradmap.metric import Calibration
+
+    input_ids = sample_windows(texts, tokenizer, int(cfg.num_samples), int(cfg.seq_len), int(cfg.seed))
+    return Calibration(input_ids=input_ids, batch_size=int(cfg.batch_size))
+
+
+CALIBRATION_CLASSES = (WikiCalibration, HubCalibration)
+
+
+def load_calibration(cfg: Any, tokenizer: Any) -> Calibration:
+    """Calibration windows from a config class, or from a `conf/calibration/*.yaml` node (built through its
+    `_target_`)."""
+    if not isinstance(cfg, CALIBRATION_CLASSES):
+        from hydra.utils import instantiate
+
+        cfg = instantiate(cfg, _convert_="all")
+    return cfg.load(tokenizer)
+
+
+@dataclass
+class TextSource:
+    """One entry of `eval.heldout.texts`: a corpus and split (HELDOUT_CORPORA), and for corpus `jsonl` the file."""
+
+    corpus: str = option(choices=tuple(HELDOUT_CORPORA))
+    split: str = option(choices=("validation", "test"))
+    path: Optional[str] = option(absent_ok=True)  # a JSONL file instead of the corpus's own text
 
 
 def check_heldout_spec(name: str, spec: Any, tuning: bool) -> tuple[str, str]:
-    """(corpus, split) of one `eval.heldout.texts` entry, refusing unknown ones and `test` in tuning runs."""
-    from gradmap.validation import check_heldout_text
-
-    present = {k: _get(spec, k) for k in ("corpus", "split", "path") if _get(spec, k) is not None}
-    return check_heldout_text(name, present, tuning, cache=None)
+    """(corpus, split) of one `eval.heldout.texts` entry: known corpus and split, a path where the corpus needs one,
+    and no `test` text in a tuning run (refused before anything is read)."""
+    key = f"eval.heldout.texts.{name}"
+    present = {k: spec.get(k) for k in ("corpus", "split", "path") if spec.get(k) is not None}
+    check_node(key, present, TextSource)
+    corpus, split = present["corpus"], present["split"]
+    if split not in HELDOUT_CORPORA[corpus]:
+        raise ConfigError(f"{key}.split", split, HELDOUT_CORPORA[corpus],
+                          problem=f"not available for corpus {corpus!r}")
+    if corpus == "jsonl" and present.get("path") is None:
+        raise ConfigError(f"{key}.path", None, "the path of a JSONL file with a 'text' field",
+                          problem="required for corpus 'jsonl'")
+    if tuning and split == TEST_SPLIT:
+        raise ConfigError(f"{key}.split", split, "validation",
+                          problem="refused in a tuning run (tuning=true): choices are made on 'validation' only")
+    return corpus, split
 
 
 def load_heldout_tokens(spec: Any, tokenizer: Any, max_tokens: int | None, name: str = "text",
@@ -172,7 +229,7 @@ def load_heldout_tokens(spec: Any, tokenizer: Any, max_tokens: int | None, name:
     if corpus == "wikitext2":
         ids = _tokenize(tokenizer, "\n\n".join(_hub_texts(corpus, split)))
     else:
-        texts = _offline_texts(spec, split, corpus, key=f"eval.heldout.texts.{name}.path")
+        texts = _offline_texts(spec.get("path"), split, corpus, key=f"eval.heldout.texts.{name}.path")
         # Only the leading documents that can fill max_tokens are tokenized: count per document (cheap upper bound
         # on what is needed), then tokenize their joined text once so the result is exactly "join, tokenize, cut".
         used, count = len(texts), 0
@@ -190,6 +247,8 @@ def load_heldout_tokens(spec: Any, tokenizer: Any, max_tokens: int | None, name:
         raise ConfigError(f"eval.heldout.texts.{name}", f"{corpus}/{split}", "a non-empty text", problem="empty")
     if max_tokens is not None:
         ids = ids[:max_tokens]
+    import torch
+
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -200,15 +259,15 @@ class HeldoutText:
     name: str
     corpus: str
     split: str
-    token_ids: torch.Tensor
+    token_ids: Any  # 1-D torch.Tensor of token ids
 
 
 def load_heldout(cfg: Any, tokenizer: Any, tuning: bool = False) -> list[HeldoutText]:
-    """Every text of an `eval.heldout` node ({max_tokens, texts: {name: {corpus, split[, path]}}}), in order."""
-    texts = _get(cfg, "texts") or {}
-    specs = [(str(name), spec) for name, spec in texts.items()]
+    """Every text of `eval.heldout` (a `gradmap.evaluation.Heldout`, or a node {max_tokens, texts: {name: {corpus,
+    split[, path]}}}), in order."""
+    specs = [(str(name), spec) for name, spec in (cfg.texts or {}).items()]
     for name, spec in specs:  # check every entry before tokenizing any
         check_heldout_spec(name, spec, tuning)
-    return [HeldoutText(name, _get(spec, "corpus"), _get(spec, "split"),
-                        load_heldout_tokens(spec, tokenizer, _get(cfg, "max_tokens"), name, tuning))
+    return [HeldoutText(name, spec["corpus"], spec["split"],
+                        load_heldout_tokens(spec, tokenizer, cfg.max_tokens, name, tuning))
             for name, spec in specs]

@@ -1,28 +1,32 @@
-"""Evaluation of a (dense or pruned) in-memory model: held-out perplexity and lm-evaluation-harness tasks.
+"""The eval group (`conf/eval/*.yaml`): evaluation of a (dense or pruned) in-memory model, held-out perplexity and
+lm-evaluation-harness tasks.
 
-`evaluate` is what the runner calls with the `conf/eval/*.yaml` node; `headline` flattens its result to the few
-numbers a summary table shows, and `retained` compares pruned to dense on those numbers. Evaluation never changes
-the model: no weights, hooks or `requires_grad` are touched, and it stays in eval mode.
+`Evaluation` is the YAMLs' `_target_`: its fields (and those of `Heldout`, `Perplexity`, `LmEval`, `LocalTask`,
+nested) are the YAML's keys, without defaults. `evaluate` is what the runner calls; `headline` flattens its result
+to the few numbers a summary table shows, and `retained` compares pruned to dense on those numbers. Evaluation
+never changes the model: no weights, hooks or `requires_grad` are touched, and it stays in eval mode. torch is
+imported where it is used, so validation can read the config classes without it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
-
+from gradmap.data import TextSource
+from gradmap.errors import ConfigError, brief
+from gradmap.lm_tasks import materialize_local_task, task_name
 from gradmap.models import model_device
-from gradmap.validation import TASKS_DIR, ConfigError, brief
+from gradmap.schema import option
 
-DATA_PLACEHOLDER = "__DATA_FILE__"
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 # lm-eval computes the stderr of `mean` metrics in closed form whenever bootstrap_iters > 0 (0 disables stderr
 # altogether); the few bootstrapped metrics stay cheap with 100 draws.
 BOOTSTRAP_ITERS = 100
@@ -41,7 +45,6 @@ def input_device(model: nn.Module) -> torch.device:
     return model_device(model)
 
 
-@torch.no_grad()
 def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int, batch_size: int = 8,
                max_windows: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Token-level perplexity over non-overlapping windows (the GPTQ / SparseGPT / ShortGPT recipe).
@@ -52,6 +55,18 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int, batch_si
 
     Returns {"ppl", "nll" (mean NLL per predicted token), "tokens" (predicted tokens), "windows", "seq_len"}.
     """
+    import torch
+
+    with torch.no_grad():
+        return _perplexity(model, token_ids, seq_len, batch_size, max_windows, progress)
+
+
+def _perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int, batch_size: int, max_windows: int | None,
+                progress: bool) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
     if token_ids.dim() != 1:
         raise ValueError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
     if seq_len < 2:
@@ -92,41 +107,6 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int, batch_si
 
 
 # ------------------------------------------------------------------------------------------------------ lm-eval
-
-def materialize_local_task(template_name: str, data_file: str | Path, out_dir: str | Path) -> Path:
-    """Write task template `gradmap/tasks/<template_name>` into `out_dir` with the absolute data path filled in.
-
-    `out_dir` is then passed to lm-eval as `include_path`. Returns the written YAML.
-    """
-    name = template_name if template_name.endswith((".yaml", ".yml")) else f"{template_name}.yaml"
-    template = TASKS_DIR / name
-    if not template.is_file():
-        allowed = sorted(p.name for p in TASKS_DIR.glob("*.yaml"))
-        raise ValueError(f"task template {template_name!r} not found in {TASKS_DIR}; allowed: {allowed}")
-    data = Path(data_file).expanduser().resolve()
-    if not data.is_file():
-        raise FileNotFoundError(f"data file {str(data)!r} for task template {name!r} does not exist")
-    text = template.read_text()
-    if text.count(DATA_PLACEHOLDER) != 1:
-        raise ValueError(f"task template {template} must contain the placeholder {DATA_PLACEHOLDER} exactly once "
-                         f"(found {text.count(DATA_PLACEHOLDER)})")
-    # A JSON string is a valid YAML scalar: quotes and escapes any path safely.
-    text = text.replace(DATA_PLACEHOLDER, json.dumps(str(data)))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / name
-    target.write_text(text)
-    return target
-
-
-def _task_name(yaml_file: Path) -> str | None:
-    import yaml
-
-    try:
-        return (yaml.safe_load(yaml_file.read_text()) or {}).get("task")
-    except yaml.YAMLError:  # lm-eval tags such as !function are not safe_load-able; nothing to check then
-        return None
-
 
 def _check_hf_tokenizer(tokenizer: Any) -> None:
     from transformers import PreTrainedTokenizerBase
@@ -198,7 +178,7 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: list[str], batch_size: 
     for name, path in local_tasks.items():
         if not path.is_file():
             raise FileNotFoundError(f"local task {name!r}: YAML {str(path)!r} does not exist")
-        found = _task_name(path)
+        found = task_name(path)
         if found is not None and found != name:
             raise ValueError(f"local task {name!r}: {path} defines task {found!r}; the names must match")
     include = sorted({str(p.parent) for p in local_tasks.values()})
@@ -243,55 +223,110 @@ def _lm_eval_version() -> str:
     return version("lm_eval")
 
 
-# ----------------------------------------------------------------------------------------------- runner entry
+# ------------------------------------------------------------------------------------------ the config classes
 
-def _local_task_files(local_cfg: Mapping[str, Any], tasks: list[str], out_dir: Path) -> dict[str, Path]:
+@dataclass
+class Heldout:
+    """`eval.heldout`: the texts perplexity is measured on (each a `gradmap.data.TextSource`), cut to `max_tokens`."""
+
+    max_tokens: Optional[int] = option(ge=2)  # tokens per text; null: all
+    texts: dict = option(values=TextSource)  # name -> {corpus, split[, path]}; recorded as ppl@<seq_len>/<name>
+
+
+@dataclass
+class Perplexity:
+    """`eval.perplexity`: non-overlapping windows of each length, `batch_size` windows per forward."""
+
+    seq_lens: list[int] = option(items={"ge": 2})
+    batch_size: int = option(ge=1)
+    max_windows: Optional[int] = option(ge=1)  # null: every window of the text
+
+
+@dataclass
+class LocalTask:
+    """`eval.lm_eval.local_tasks.<name>`: a task template shipped in `gradmap/tasks/` and its data: the JSONL file
+    `data`, or (`data: null`) the file `file` of the offline asset `asset`."""
+
+    template: str = option()
+    data: Optional[str] = option()
+    asset: Optional[str] = option()
+    file: Optional[str] = option()
+
+
+@dataclass
+class LmEval:
+    """`eval.lm_eval`: lm-evaluation-harness tasks on the in-memory model; every lm-eval seed is `seed`."""
+
+    tasks: list[str] = option()
+    limit: Optional[float] = option(gt=0, allowed="an integer >= 1 (questions), a fraction in (0, 1], or null (all)")
+    batch_size: int = option(ge=1)  # fixed, so results do not depend on auto batch sizing
+    num_fewshot: Optional[int] = option(ge=0)
+    local_tasks: dict = option(values=LocalTask)  # name -> LocalTask
+    seed: int = option(ge=0, le=2**32 - 1)
+
+    def __post_init__(self) -> None:
+        self.local_tasks = {str(k): v if isinstance(v, LocalTask) else LocalTask(**v)
+                            for k, v in (self.local_tasks or {}).items()}
+
+
+@dataclass
+class Evaluation:
+    """What to evaluate the dense and the pruned model on (conf/eval/*.yaml); `cache_dense`: evaluate the dense
+    model once per (model, eval config) and reuse it (`gradmap.cache.dense_cache_key`)."""
+
+    heldout: Heldout = option()
+    perplexity: Perplexity = option()
+    lm_eval: LmEval = option()
+    cache_dense: bool = option()
+
+    def __post_init__(self) -> None:
+        for name, cls in (("heldout", Heldout), ("perplexity", Perplexity), ("lm_eval", LmEval)):
+            value = getattr(self, name)
+            if not isinstance(value, cls):
+                setattr(self, name, cls(**value))
+
+
+def _local_task_files(local: Mapping[str, LocalTask], tasks: list[str], out_dir: Path) -> dict[str, Path]:
     """Materialise the configured local tasks that are actually requested."""
     files = {}
     for name in tasks:
-        if name not in local_cfg:
+        if name not in local:
             continue
-        spec = local_cfg[name]
-        if "template" not in spec:
-            raise ValueError(f"eval.lm_eval.local_tasks.{name} needs a 'template' (a file in {TASKS_DIR})")
-        data = spec.get("data")
+        spec = local[name]
+        data = spec.data
         if data is None:
             from gradmap.assets import ensure  # lazy: fetching assets is only needed when the task runs
 
-            asset = spec.get("asset", name.removesuffix("_bigbench"))
-            data = ensure(asset) / spec.get("file", "test.jsonl")
-        files[name] = materialize_local_task(spec["template"], Path(data), out_dir)
+            data = ensure(spec.asset) / spec.file
+        files[name] = materialize_local_task(spec.template, Path(data), out_dir)
     return files
 
 
-def evaluate(model: nn.Module, tokenizer: Any, eval_cfg: Any, heldout: Sequence[Any] = (),
-             seed: int = 0) -> dict[str, Any]:
-    """Run the evaluation described by a `conf/eval/*.yaml` node.
+def evaluate(model: nn.Module, tokenizer: Any, evaluation: Evaluation, heldout: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run `evaluation` on the model.
 
     `heldout`: `gradmap.data.HeldoutText`s (name, corpus, split, token_ids), e.g. from `gradmap.data.load_heldout`.
     Returns {"perplexity": {name: {"corpus", "split", "seq_lens": {"<seq_len>": perplexity(...)}}},
-    "lm_eval": run_lm_eval(...) or {}}; an empty or missing `lm_eval.tasks` skips lm-eval.
+    "lm_eval": run_lm_eval(...) or {}}; an empty `lm_eval.tasks` skips lm-eval.
     """
     results: dict[str, Any] = {"perplexity": {}, "lm_eval": {}}
-    ppl_cfg = eval_cfg.get("perplexity") or {}
-    seq_lens = list(ppl_cfg.get("seq_lens") or [])
+    ppl = evaluation.perplexity
+    seq_lens = list(ppl.seq_lens)
     if seq_lens and not heldout:
         raise ValueError(f"eval.perplexity.seq_lens={seq_lens} but no held-out text was given (eval.heldout.texts)")
     for text in heldout if seq_lens else ():
         results["perplexity"][text.name] = {"corpus": text.corpus, "split": text.split, "seq_lens": {
-            str(int(seq_len)): perplexity(model, text.token_ids, int(seq_len),
-                                          batch_size=int(ppl_cfg.get("batch_size", 8)),
-                                          max_windows=ppl_cfg.get("max_windows"))
+            str(int(seq_len)): perplexity(model, text.token_ids, int(seq_len), batch_size=int(ppl.batch_size),
+                                          max_windows=ppl.max_windows)
             for seq_len in seq_lens}}
 
-    lm_cfg = eval_cfg.get("lm_eval") or {}
-    tasks = [str(t) for t in (lm_cfg.get("tasks") or [])]
+    lm = evaluation.lm_eval
+    tasks = [str(t) for t in lm.tasks]
     if tasks:
         with tempfile.TemporaryDirectory(prefix="gradmap_tasks_") as tmp:
-            local = _local_task_files(lm_cfg.get("local_tasks") or {}, tasks, Path(tmp))
-            results["lm_eval"] = run_lm_eval(
-                model, tokenizer, tasks, batch_size=int(lm_cfg.get("batch_size", 16)), limit=lm_cfg.get("limit"),
-                num_fewshot=lm_cfg.get("num_fewshot"), seed=int(lm_cfg.get("seed", seed)), local_tasks=local)
+            local = _local_task_files(lm.local_tasks, tasks, Path(tmp))
+            results["lm_eval"] = run_lm_eval(model, tokenizer, tasks, batch_size=int(lm.batch_size), limit=lm.limit,
+                                             num_fewshot=lm.num_fewshot, seed=int(lm.seed), local_tasks=local)
     return results
 
 

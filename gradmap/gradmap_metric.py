@@ -32,72 +32,19 @@ one float32 gradient copy when weights are accumulated over several micro-batche
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
 from gradmap import surgery
 from gradmap.capture import layer_io
-from gradmap.metric import Calibration, Cost, LayerMetric
+from gradmap.errors import ConfigError
+from gradmap.grad_state import grad_state_preserved, gradient_checkpointing, only_layer_weights_trainable
+from gradmap.metric import Calibration, Cost, LayerMetric, Reuse
 from gradmap.models import model_device
-from gradmap.validation import ConfigError
 
 REDUCTIONS = {"weights": ("mean_abs", "l2", "rel_l2"), "activations": ("mean_abs", "l2", "first_order")}
 GRAD_ACCUMULATIONS = ("full", "per_batch")
 ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@contextlib.contextmanager
-def grad_state_preserved(model: nn.Module) -> Iterator[None]:
-    """Restore every parameter's `requires_grad` and `.grad`, and the model's train/eval mode, on exit."""
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    grads = [p.grad for p in params]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        for p in params:
-            p.grad = None
-        yield
-    finally:
-        for p, flag, grad in zip(params, flags, grads):
-            p.requires_grad_(flag)
-            p.grad = grad
-        for m, mode in modes.items():
-            m.training = mode
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """HF checkpointing only acts in train mode; these models have zero dropout, so outputs are unchanged."""
-    if not enabled:
-        yield
-        return
-    was = getattr(model, "is_gradient_checkpointing", False)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    try:
-        yield
-    finally:
-        if not was:
-            model.gradient_checkpointing_disable()
-            # transformers 5 adds an input-requires-grad hook on enable but removes it on disable only for PEFT.
-            model.disable_input_require_grads()
-
-
-def only_layer_weights_trainable(model: nn.Module) -> dict[nn.Parameter, int]:
-    """Make exactly the decoder layers' float parameters require grad (embeddings, norm and head do not: no wasted
-    gradient memory); return {parameter: layer position}. Callers restore flags with `grad_state_preserved`."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    owner: dict[nn.Parameter, int] = {}
-    for i, layer in enumerate(surgery.get_decoder_layers(model)):
-        for p in layer.parameters():
-            if p.is_floating_point():
-                p.requires_grad_(True)
-                owner[p] = i
-    return owner
 
 
 def predicted_share(batch: torch.Tensor, calib: Calibration) -> float:
@@ -137,11 +84,12 @@ def reduce_activation_grad(reduction: str, grad: torch.Tensor, update: torch.Ten
 
 
 class GradMAPMetric(LayerMetric):
-    """GradMAP gradient metric (arXiv 2602.14649). See the module docstring for the formulas.
+    """GradMAP gradient metric (arXiv 2602.14649). See the module docstring for the formulas. Defaults:
+    conf/metric/gradmap.yaml (target, reduction and one-shot chosen on validation text, README).
 
     Args:
         target: `weights` or `activations` (what the gradient is taken with respect to).
-        reduction: see REDUCTIONS; default chosen by the ablation in the README.
+        reduction: see REDUCTIONS.
         iterative: rescore after each removal (the paper's one backward per pruning decision).
         accum_dtype: precision of the per-layer sums.
         grad_accumulation: weights only: `full` (the gradient of the whole calibration set) or `per_batch`.
@@ -149,8 +97,9 @@ class GradMAPMetric(LayerMetric):
     """
 
     name = "gradmap"
+    reuse = Reuse.RANKED  # one-shot: one backward serves every n; iterative: a greedy order
 
-    def __init__(self, target: str = "weights", reduction: str = "mean_abs", iterative: bool = True,
+    def __init__(self, target: str = "activations", reduction: str = "first_order", iterative: bool = False,
                  accum_dtype: str = "float64", grad_accumulation: str = "full", gradient_checkpointing: bool = False,
                  protect_first: int = 0, protect_last: int = 0):
         super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
@@ -164,7 +113,7 @@ class GradMAPMetric(LayerMetric):
         if grad_accumulation not in GRAD_ACCUMULATIONS:
             raise ConfigError("grad_accumulation", grad_accumulation, list(GRAD_ACCUMULATIONS))
         self.target, self.reduction = target, reduction
-        self.dtype = ACCUM_DTYPES[accum_dtype]
+        self.accum_dtype, self.dtype = accum_dtype, ACCUM_DTYPES[accum_dtype]
         self.grad_accumulation = grad_accumulation
         self.gradient_checkpointing = gradient_checkpointing
 
@@ -189,11 +138,11 @@ class GradMAPMetric(LayerMetric):
         totals = torch.zeros(n, dtype=torch.float64)
         accumulate = self.grad_accumulation == "full" and calib.num_batches > 1
         buffers: dict[nn.Parameter, torch.Tensor] = {}  # full-set gradient, only when accumulating
-        state = {"w": 1.0}
+        share = 1.0  # the running micro-batch's share of the predicted tokens (read by the hook)
 
         def hook(p: nn.Parameter) -> None:
             if accumulate:
-                g = p.grad.detach().float() * state["w"]  # this micro-batch's share of the full-set gradient
+                g = p.grad.detach().float() * share  # this micro-batch's share of the full-set gradient
                 if p in buffers:
                     buffers[p].add_(g)
                 else:
@@ -206,7 +155,7 @@ class GradMAPMetric(LayerMetric):
         device = model_device(model)
         try:
             for batch in calib.batches(device):
-                state["w"] = predicted_share(batch, calib)
+                share = predicted_share(batch, calib)
                 partial.zero_()
                 self._backward(model, batch, cost)
                 if not accumulate:  # per micro-batch (or the single batch): reduce now, average by tokens
@@ -230,13 +179,13 @@ class GradMAPMetric(LayerMetric):
         for p in model.parameters():
             p.requires_grad_(False)
         totals = torch.zeros(n, dtype=torch.float64)
-        state = {"w": 0.0}  # rescales a micro-batch's per-token reduction to the full-set loss's, per set position
+        weight = 0.0  # rescales the running micro-batch's per-token reduction to the full-set loss's (read by hooks)
 
         def on_layer(pos: int, inp: torch.Tensor, out: torch.Tensor) -> None:
             update = (out - inp).detach() if self.reduction == "first_order" else None
 
             def on_grad(g: torch.Tensor) -> None:
-                totals[pos] += state["w"] * reduce_activation_grad(self.reduction, g, update, self.dtype)
+                totals[pos] += weight * reduce_activation_grad(self.reduction, g, update, self.dtype)
 
             out.register_hook(on_grad)
 
@@ -250,7 +199,7 @@ class GradMAPMetric(LayerMetric):
                     # The micro-batch loss is a mean over its predicted tokens: its gradients are those of the
                     # full-set loss divided by the batch's share of predicted tokens; the reduction is a mean over
                     # the batch's positions, and the set's mean weighs it by the batch's share of positions.
-                    state["w"] = predicted_share(batch, calib) * batch.numel() / calib.num_tokens
+                    weight = predicted_share(batch, calib) * batch.numel() / calib.num_tokens
                     self._backward(model, batch, cost)
         finally:
             start.remove()

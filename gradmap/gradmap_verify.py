@@ -42,10 +42,10 @@ import torch
 from torch import nn
 
 import baselines.ppl
-from baselines._common import eval_mode
 from gradmap import surgery
+from gradmap.grad_state import eval_mode
 from gradmap.gradmap_metric import GradMAPMetric
-from gradmap.metric import Calibration, Cost, Decision, DecisionCallback, Selection
+from gradmap.metric import Calibration, Cost, Decision, DecisionCallback, Reuse, Selection
 
 
 class GradMAPVerify(GradMAPMetric):
@@ -77,9 +77,7 @@ class GradMAPVerify(GradMAPMetric):
             raise ValueError(f"candidates={candidates} is not valid; allowed: an integer >= 1")
         self.candidates = int(candidates)
 
-    @property
-    def reuse(self) -> str:
-        return "prefix"  # iterative greedy: the first n decisions of a longer run are the run for n
+    reuse = Reuse.GREEDY  # one screened-and-verified decision per removed layer: cached runs serve as prefixes
 
     def _verify(self, model: nn.Module, calib: Calibration, kept: list[int], candidates: list[int]) -> list[float]:
         """Calibration perplexity of the current model without each candidate (original indices), as SLEB."""

@@ -11,8 +11,13 @@
 4. End the attempt: `done`, `failed` (a refused value or a fault: exit 2; anything unexpected: exit 1, the traceback
    in the record) or `interrupted` (Ctrl-C, SIGTERM: exit 130 / 143).
 
-`record["attempts"]` keeps every attempt (pid, host, start, end, status, reason, sweep), so the record's history says
-what happened to the job. Standard library and omegaconf only: a refused run never imports torch.
+The record is a `gradmap.record.RunRecord`; its `attempts` keep every attempt (pid, host, start, end, status, reason,
+sweep), so the record's history says what happened to the job. A previous record written by older code is read
+through `RunRecord.from_dict` (upgraded), one written by newer code is refused. Standard library and omegaconf
+only: a refused run never imports torch.
+
+`run` is `run_job` for tests and scripts: it raises a failure (after recording it) and returns the record as
+`record.json` holds it.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gradmap.errors import ConfigError, brief, one_line
 from gradmap.files import atomic_write_json, move_aside, read_json
-from gradmap.validation import ConfigError, brief, one_line, resolve
+from gradmap.record import RecordVersionError, RunRecord
+from gradmap.validation import resolve, validate
 
 RECORD = "record.json"
 SWEEP_ENV = "GRADMAP_SWEEP_ID"  # set by gradmap.sweep.SweepSummary for the jobs of one sweep
@@ -136,21 +143,32 @@ class JobRecord:
     def __init__(self, out_dir: str | Path):
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / RECORD
-        previous = read_json(self.path, discard_corrupt=False)
-        if previous is not None and not isinstance(previous, dict):
-            move_aside(self.path, "not a JSON object")
-            previous = None
-        self.previous: dict[str, Any] | None = previous
-        self.attempts: list[dict[str, Any]] = [a for a in (previous or {}).get("attempts", []) if isinstance(a, dict)]
-        self.attempt = new_attempt()
-        self.record: dict[str, Any] = {}
-        self.writable = True  # False when another live process owns the record
+        self.writable = True  # False when another live process owns the record (or wrote a newer schema)
         self.write_error: str | None = None
+        self.previous: RunRecord | None = self._read_previous()
+        self.attempts: list[dict[str, Any]] = [a for a in (self.previous.attempts if self.previous else [])
+                                               if isinstance(a, dict)]
+        self.attempt = new_attempt()
+        self.record = RunRecord()
+
+    def _read_previous(self) -> RunRecord | None:
+        previous = read_json(self.path, discard_corrupt=False)
+        if previous is None:
+            return None
+        try:
+            return RunRecord.from_dict(previous)
+        except RecordVersionError as err:
+            self.writable = False  # never overwrite what newer code wrote
+            raise ConfigError("hydra.run.dir", str(self.out_dir), "a gradmap that reads this record, or another "
+                              "output folder", problem=f"{self.path}: {err}") from err
+        except (TypeError, ValueError) as err:
+            move_aside(self.path, f"not a record ({err})")
+            return None
 
     def recover(self, force: bool) -> str | None:
         """Handle a previous record left `running`: refuse if its process is alive, else mark it interrupted."""
         prev = self.previous
-        if not prev or prev.get("status") != "running":
+        if prev is None or prev.status != "running":
             return None
         last = self.attempts[-1] if self.attempts and self.attempts[-1].get("status") == "running" else None
         state = attempt_alive(last) if last is not None else False
@@ -169,29 +187,31 @@ class JobRecord:
         if last is not None:
             last.update(status="interrupted", reason=reason, detected=now())
         else:  # a record written before attempts were kept
-            self.attempts.append({"status": "interrupted", "reason": reason, "started": prev.get("started"),
+            self.attempts.append({"status": "interrupted", "reason": reason, "started": prev.started,
                                   "detected": now()})
         message = f"[gradmap] {self.out_dir}: the previous attempt was interrupted ({reason}); running it again"
         print(message, flush=True)
         return reason
 
-    def finished(self, resolved: dict[str, Any]) -> dict[str, Any] | None:
+    def finished(self, resolved: dict[str, Any]) -> RunRecord | None:
         prev = self.previous
-        if prev and prev.get("status") == "done" and same_job(prev.get("config"), resolved):
+        if prev is not None and prev.status == "done" and same_job(prev.config, resolved):
             return prev
         return None
 
-    def skip(self) -> dict[str, Any]:
+    def skip(self) -> RunRecord:
         rec = self.previous
-        rec.setdefault("reruns_skipped", []).append(now())
+        rec.reruns_skipped.append(now())
         self.attempt.update(status="skipped", ended=now())
-        rec["attempts"] = self.attempts + [self.attempt]
-        atomic_write_json(self.path, rec)
+        rec.attempts = self.attempts + [self.attempt]
+        self.record = rec
+        atomic_write_json(self.path, rec.to_dict())
         print(f"[gradmap] skipped: {self.path} is done with the same config (force=true reruns)", flush=True)
         return rec
 
-    def begin(self, base: dict[str, Any]) -> dict[str, Any]:
-        self.record = {**base, "status": "running", "attempts": self.attempts + [self.attempt]}
+    def begin(self, config: dict[str, Any], choices: dict[str, str]) -> RunRecord:
+        self.record = RunRecord(config=config, choices=choices, started=now(), status="running",
+                                attempts=self.attempts + [self.attempt])
         self.save()
         return self.record
 
@@ -199,9 +219,9 @@ class JobRecord:
         if not self.writable:
             return
         try:
-            atomic_write_json(self.path, self.record)
+            atomic_write_json(self.path, self.record.to_dict())
         except OSError as err:  # an unwritable run folder must not hide the job's own error
-            if self.write_error is None and self.record.get("status") == "running":
+            if self.write_error is None and self.record.status == "running":
                 raise ConfigError("hydra.run.dir", str(self.out_dir), "a writable folder",
                                   problem=f"{self.path} cannot be written ({err})") from err
             self.write_error = str(err)
@@ -210,11 +230,11 @@ class JobRecord:
         self.attempt.update(status=status, ended=now())
         if reason:
             self.attempt["reason"] = reason
-        self.record["status"] = status
+        self.record.status = status
         if error is not None:
-            self.record["error"] = error
+            self.record.error = error
         if status == "done":
-            self.record.pop("error", None)
+            self.record.error = None
         self.save()
 
 
@@ -225,7 +245,7 @@ class JobResult:
     status: str  # done | skipped | failed | interrupted
     exit_code: int
     line: str | None  # the one line printed for a failed or interrupted job
-    record: dict[str, Any]
+    record: RunRecord
 
 
 def _error_dict(err: BaseException, tb: str | None) -> dict[str, Any]:
@@ -235,11 +255,11 @@ def _error_dict(err: BaseException, tb: str | None) -> dict[str, Any]:
     return out
 
 
-def _as_fault(err: BaseException, record: dict[str, Any]) -> ConfigError | None:
+def _as_fault(err: BaseException, record: RunRecord) -> ConfigError | None:
     """Faults a user meets at run time that are not bugs: out of memory."""
     if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
-        stage = record.get("failed_stage") or "?"
-        calib = (record.get("config") or {}).get("calibration") or {}
+        stage = record.failed_stage or "?"
+        calib = record.config.get("calibration") or {}
         return ConfigError("calibration.batch_size", calib.get("batch_size"),
                            problem=f"out of memory in stage '{stage}' ({type(err).__name__})",
                            hint="lower calibration.batch_size or eval.perplexity.batch_size, or set "
@@ -254,21 +274,24 @@ def run_job(cfg: Any, out_dir: str | Path, choices: dict[str, str] | None = None
     from omegaconf import OmegaConf
 
     choices = dict(choices or {})
-    job = JobRecord(out_dir)
+    try:
+        job = JobRecord(out_dir)
+    except ConfigError as err:  # the folder holds a record this code must not overwrite
+        if raise_errors:
+            raise
+        return JobResult("failed", 2, str(err), RunRecord(choices=choices, status="failed"))
     try:
         try:
             resolved = resolve(cfg)
         except ConfigError:
-            job.begin({"config": OmegaConf.to_container(cfg, resolve=False), "choices": choices, "started": now()})
+            job.begin(OmegaConf.to_container(cfg, resolve=False), choices)
             raise
         force = resolved.get("force") is True
         job.recover(force)
         done = None if force else job.finished(resolved)
         if done is not None:
             return JobResult("skipped", 0, None, job.skip())
-        job.begin({"config": resolved, "choices": choices, "started": now()})
-        from gradmap.validation import validate
-
+        job.begin(resolved, choices)
         checked = validate(resolved, run_dir=out_dir)
         from gradmap.runner import Run  # the heavy imports (torch, transformers) only once the config is valid
 
@@ -308,3 +331,9 @@ def report(result: JobResult, multirun: bool = False) -> None:
         return
     label = "interrupted" if result.status == "interrupted" else "error"
     print(f"[gradmap] {label}: {result.line}", file=sys.stderr, flush=True)
+
+
+def run(cfg: Any, out_dir: str | Path, choices: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one job (validation, pipeline, record history; `run_job`) and return its record as `record.json` holds it.
+    A refused config or a failure is recorded in `out_dir/record.json` and raised."""
+    return run_job(cfg, Path(out_dir), choices or {}, raise_errors=True).record.to_dict()

@@ -1,15 +1,21 @@
-"""Experiment loggers. `record.json` is the source of truth; a logger only mirrors it (W&B, or nothing)."""
+"""The logger group (`conf/logger/*.yaml`): experiment loggers. `record.json` is the source of truth; a logger only
+mirrors it (W&B, or nothing).
+
+`NullLogger` and `WandbLogger` are the YAMLs' `_target_`s: their fields are the YAML's keys, without defaults.
+Building one is cheap (no import of wandb); `start` opens the run.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from gradmap.validation import LOGGER_KINDS as LOGGERS
-from gradmap.validation import ConfigError
+from gradmap.record import RunRecord
+from gradmap.schema import WANDB_MODES, option
 
 
 def decision_row(decision: Any, cached: bool = False) -> dict[str, Any]:
@@ -22,49 +28,62 @@ def decision_row(decision: Any, cached: bool = False) -> dict[str, Any]:
     return row
 
 
+@dataclass
 class NullLogger:
+    """No experiment logger (conf/logger/none.yaml): record.json is still written."""
+
+    def start(self, cfg: DictConfig, out_dir: Path, choices: dict[str, str]) -> NullLogger:
+        return self
+
     def log_decision(self, decision: Any, cached: bool = False) -> None:
         pass
 
-    def log_run(self, rec: dict[str, Any], plot: Path | None) -> None:
+    def log_run(self, rec: RunRecord, plot: Path | None) -> None:
         pass
 
     def finish(self, status: str) -> None:
         pass
 
 
+@dataclass
 class WandbLogger:
-    """Mirrors config, stage times, the per-layer score chart and the results to Weights & Biases.
+    """Mirrors config, stage times, the per-layer score chart and the results to Weights & Biases
+    (conf/logger/wandb.yaml). `mode: offline` needs no login; `wandb sync <dir>` uploads later."""
 
-    `mode: offline` (default) needs no login; `wandb sync <dir>` uploads later.
-    """
+    project: str = option()
+    entity: Optional[str] = option()
+    mode: str = option(choices=WANDB_MODES)
+    group: Optional[str] = option()  # e.g. the experiment name, to group a sweep's runs
+    tags: list[str] = option()
+    name: Optional[str] = option()  # null: <model>-<metric>-<compensation>, then -r<prune_ratio>
 
-    def __init__(self, log_cfg: DictConfig, cfg: DictConfig, out_dir: Path, choices: dict[str, str]):
+    def start(self, cfg: DictConfig, out_dir: Path, choices: dict[str, str]) -> WandbLogger:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
         self.wandb = wandb
-        name = log_cfg.get("name") or "-".join(f"{choices.get(g)}" for g in ("model", "metric", "compensation"))
+        name = self.name or "-".join(f"{choices.get(g)}" for g in ("model", "metric", "compensation"))
         self.run = wandb.init(
-            project=log_cfg.project, entity=log_cfg.get("entity"), mode=log_cfg.mode, group=log_cfg.get("group"),
-            tags=list(log_cfg.get("tags") or []), name=f"{name}-r{cfg.get('prune_ratio')}", dir=str(out_dir),
+            project=self.project, entity=self.entity, mode=self.mode, group=self.group, tags=list(self.tags or []),
+            name=f"{name}-r{cfg.get('prune_ratio')}", dir=str(out_dir),
             config={**OmegaConf.to_container(cfg, resolve=True), "choices": choices}, reinit="finish_previous")
+        return self
 
     def log_decision(self, decision: Any, cached: bool = False) -> None:
         """Each pruning decision as its own step, as soon as it is made (`cached`: replayed from the cache)."""
         self.run.log(decision_row(decision, cached))
 
-    def log_run(self, rec: dict[str, Any], plot: Path | None) -> None:
-        wandb, t = self.wandb, rec["timings"]
+    def log_run(self, rec: RunRecord, plot: Path | None) -> None:
+        wandb, t = self.wandb, rec.timings
         summary: dict[str, Any] = {f"time/{k}": v for k, v in t["seconds"].items()}
         summary["time/pruning"] = t["pruning_seconds"]
         summary.update({f"cost/{k}": v for k, v in t["pruning_cost"].items()})
         for side in ("dense", "pruned"):
-            summary.update({f"{side}/{k}": v for k, v in rec["results"]["headline"][side].items()})
-        summary.update({f"retained_pct/{k}": v for k, v in rec["results"]["retained_pct"].items()})
-        summary["removed_layers"] = rec["removed_layers"]
+            summary.update({f"{side}/{k}": v for k, v in rec.results["headline"][side].items()})
+        summary.update({f"retained_pct/{k}": v for k, v in rec.results["retained_pct"].items()})
+        summary["removed_layers"] = rec.removed_layers
         self.run.summary.update(summary)
-        first = rec["selection"]["decisions"][0]
+        first = rec.selection["decisions"][0]
         table = wandb.Table(columns=["layer", "score"],
                             data=[[i, s] for i, s in enumerate(first["scores"]) if s is not None])
         log = {"scores/first_decision": wandb.plot.bar(table, "layer", "score", title="per-layer importance")}
@@ -76,10 +95,8 @@ class WandbLogger:
         self.run.finish(exit_code=0 if status == "done" else 1)
 
 
-def make_logger(log_cfg: DictConfig, cfg: DictConfig, out_dir: Path, choices: dict[str, str]):
-    kind = log_cfg.get("kind", "none")
-    if kind == "none":
-        return NullLogger()
-    if kind == "wandb":
-        return WandbLogger(log_cfg, cfg, out_dir, choices)
-    raise ConfigError("logger.kind", kind, list(LOGGERS), problem="not supported")
+def make_logger(log_cfg: Any, cfg: DictConfig, out_dir: Path, choices: dict[str, str]) -> NullLogger | WandbLogger:
+    """Build the logger of a `conf/logger/*.yaml` node (through its `_target_`) and start it."""
+    from hydra.utils import instantiate
+
+    return instantiate(log_cfg, _convert_="all").start(cfg, out_dir, choices)

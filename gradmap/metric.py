@@ -12,18 +12,20 @@ A baseline is one file in `baselines/` with a subclass and one YAML in `conf/met
 from __future__ import annotations
 
 import contextlib
+import enum
 import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from gradmap import surgery
-from gradmap.validation import ConfigError
+from gradmap.errors import ConfigError
 
 # Called with each pruning decision as soon as it is made (the runner logs it to W&B as a step).
 DecisionCallback = Callable[["Decision"], None]
@@ -157,6 +159,23 @@ class Selection:
                 "backward_tokens": sum(d.backward_tokens for d in self.decisions)}
 
 
+class Reuse(enum.Enum):
+    """What a metric's selection is, which says how a cached one serves a run with another num_prune
+    (`gradmap.cache.SelectionCache.get_or_compute` is the one place that acts on it):
+
+    RANKED  per-layer scores, the lowest removed (`LayerMetric.select`): one-shot (`iterative=false`), one scoring
+            pass serves every n (the n lowest are re-picked); iterative, a greedy order: the first n decisions of a
+            longer run are the run for n, and a shorter run is continued.
+    GREEDY  always one decision per removed layer, chosen by the metric's own `select`: a greedy order, reused as
+            RANKED iterative is.
+    SPAN    one decision that depends on n as a whole (a contiguous span): only a selection for the same n.
+    """
+
+    RANKED = "ranked"
+    GREEDY = "greedy"
+    SPAN = "span"
+
+
 class LayerMetric(ABC):
     """Base class. Subclasses implement `score`; span metrics (contiguous blocks) override `select`.
 
@@ -166,6 +185,7 @@ class LayerMetric(ABC):
     """
 
     name = "metric"
+    reuse: ClassVar[Reuse] = Reuse.RANKED  # how a cached selection serves another num_prune (see Reuse)
 
     def __init__(self, iterative: bool = False, protect_first: int = 0, protect_last: int = 0):
         for key, value in (("protect_first", protect_first), ("protect_last", protect_last)):
@@ -195,15 +215,6 @@ class LayerMetric(ABC):
             raise ConfigError("num_prune", num_prune, f"1..{min(allowed, original_count - 1)}",
                               problem=f"not possible for {type(self).__name__} on a {original_count}-layer model "
                                       f"(protect_first={self.protect_first}, protect_last={self.protect_last})")
-
-    # Which cached selections a run with another num_prune may reuse (see `gradmap.cache`):
-    #   "prefix": iterative greedy; the first n decisions of a longer run are the run for n, and a shorter run
-    #             can be resumed; "scores": one-shot; one scoring pass serves every n; "exact": only the same n.
-    @property
-    def reuse(self) -> str:
-        if type(self).select is not LayerMetric.select:
-            return "exact"
-        return "prefix" if self.iterative else "scores"
 
     def lowest(self, scores: list[float | None], n: int) -> list[int]:
         """The n prunable layers with the lowest scores (ties: the lower index first)."""

@@ -1,39 +1,56 @@
-"""Model loading (offline assets, hub checkpoints, tiny random test models) and clean checkpoint saving."""
+"""The model group (`conf/model/*.yaml`): one config class per kind of model, each loading (model, tokenizer).
+
+`OfflineModel` (an offline asset folder built by `python -m gradmap.assets`), `HubModel` (a Hugging Face hub name
+or path) and `TinyRandomModel` (a small random Llama for tests) are the `_target_`s of the YAMLs. Their fields are
+the YAML's keys, without defaults; `gradmap.validation` checks them against the fields' types and metadata before
+anything is loaded. torch and transformers are imported where they are used, so validation can read these classes
+in half a second.
+"""
 
 from __future__ import annotations
 
-import copy
-import os
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
-from torch import nn
+from gradmap.errors import ConfigError, brief
+from gradmap.schema import DTYPE_ALIASES, LAYER_COUNT_ATTRS, MAX_POSITION_ATTRS, MODEL_ASSETS, option
 
-from gradmap.validation import DTYPE_ALIASES, MODEL_SOURCES, ConfigError, brief
-
-DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_ALIASES.items()}
-SOURCES = MODEL_SOURCES
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
-    if name not in DTYPES:
-        raise ConfigError("dtype", name, sorted(DTYPES), problem="not supported")
-    return DTYPES[name]
+    if name not in DTYPE_ALIASES:
+        raise ConfigError("dtype", name, sorted(DTYPE_ALIASES), problem="not supported")
+    return getattr(torch, DTYPE_ALIASES[name])
 
 
 def resolve_device(name: str) -> str:
+    import torch
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
 
 
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ------------------------------------------------------------------------------------------ tiny random model
+
 def tiny_random_config(vocab_size: int = 256, hidden_size: int = 32, num_layers: int = 6, intermediate_size: int = 64,
                        num_heads: int = 4, num_kv_heads: int = 2, max_position_embeddings: int = 512, seed: int = 0,
                        **overrides: Any):
-    """The LlamaConfig of `tiny_random_llama` (`seed` is the weights' seed, not part of the config)."""
+    """The LlamaConfig of `tiny_random_llama` (`seed` is the weights' seed, not part of the config). A test helper:
+    `conf/model/tiny_random.yaml` sets every value the model group uses."""
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -43,6 +60,7 @@ def tiny_random_config(vocab_size: int = 256, hidden_size: int = 32, num_layers:
 
 def tiny_random_llama(seed: int = 0, **config: Any) -> nn.Module:
     """A small random Llama built from a config (`tiny_random_config`): for unit tests, seconds on a CPU."""
+    import torch
     from transformers import LlamaForCausalLM
 
     config = tiny_random_config(**config)
@@ -70,76 +88,169 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
-def load_model(cfg: Any) -> tuple[nn.Module, Any]:
-    """Load (model, tokenizer) from a `conf/model/*.yaml` node.
+@dataclass
+class TinyConfig:
+    """`model.config` of `TinyRandomModel` (further keys go to LlamaConfig as they are)."""
 
-    source=offline: a converted asset folder (see `gradmap.assets`); source=hub: `pretrained` name or path with
-    dtype/device_map; source=tiny_random: the unit-test model.
-    """
-    source = cfg.source
-    dtype = resolve_dtype(cfg.get("dtype", "float32"))
-    if source == "tiny_random":
-        kwargs = {k: v for k, v in dict(cfg.get("config", {}) or {}).items()}
-        model = tiny_random_llama(**kwargs).to(dtype)
-        return model, ByteTokenizer(model.config.vocab_size)
+    num_layers: int = option(ge=2)
+    hidden_size: int = option(ge=1)
+    intermediate_size: int = option(ge=1)
+    vocab_size: int = option(ge=2)
+    max_position_embeddings: int = option(ge=2)
+    seed: int = option(ge=0)
+
+
+# ------------------------------------------------------------------------------------------ the config classes
+
+@dataclass
+class ModelInfo:
+    """What validation needs to know about the model, read without loading weights (`info(cache)`)."""
+
+    num_layers: int
+    max_positions: int | None
+    model_type: str
+    path: str | None = None  # the folder of an offline asset
+
+
+def _info_from_config(config: dict[str, Any], what: str, path: str | None) -> ModelInfo:
+    def attr(names: tuple[str, ...]) -> int | None:
+        for source in (config, config.get("text_config") or {}):
+            for name in names:
+                if isinstance(source.get(name), int):
+                    return source[name]
+        return None
+
+    layers = attr(LAYER_COUNT_ATTRS)
+    if layers is None:
+        raise ConfigError("model", what, problem=f"its config has no layer count ({', '.join(LAYER_COUNT_ATTRS)})")
+    return ModelInfo(layers, attr(MAX_POSITION_ATTRS), str(config.get("model_type")), path)
+
+
+def _meta_model(config: Any) -> nn.Module:
+    """The architecture of `config` on the meta device (no memory, no weights), for compatibility checks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _from_pretrained(path: str, dtype: str, device_map: Any, attn_implementation: str | None, key: str,
+                     value: str, hint: str) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if source == "offline":
-        from gradmap.assets import ensure
-
-        path, key = str(ensure(cfg.asset)), "model.asset"
-    elif source == "hub":
-        path, key = cfg.pretrained, "model.pretrained"
-    else:
-        raise ConfigError("model.source", source, list(SOURCES), problem="not supported")
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if cfg.get("device_map"):
-        kwargs["device_map"] = cfg.device_map
-    if cfg.get("attn_implementation"):
-        kwargs["attn_implementation"] = cfg.attn_implementation
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype)}
+    if device_map:
+        kwargs["device_map"] = device_map
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # noqa: BLE001  (a damaged folder, a network failure: the load itself failed)
-        hint = ("check it with: python -m gradmap.assets --verify; rebuild it with: python -m gradmap.assets "
-                f"--rebuild {cfg.asset}") if source == "offline" else "check the name and network access"
-        raise ConfigError(key, cfg.get(key.split(".")[1]), problem=f"the model cannot be loaded from {path} "
-                          f"({brief(err)})", hint=hint) from err
+        raise ConfigError(key, value, problem=f"the model cannot be loaded from {path} ({brief(err)})",
+                          hint=hint) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+@dataclass
+class OfflineModel:
+    """An offline asset: a plain HF folder built from a pinned package (conf/model/smollm2_135m.yaml, gemma3_270m)."""
+
+    asset: str = option(choices=MODEL_ASSETS)
+    dtype: str = option(choices=tuple(DTYPE_ALIASES))
+    device_map: Optional[Any] = option()  # null: the runner moves the model to `device`
+
+    def info(self, cache: Path) -> ModelInfo:
+        from gradmap.assets import asset_command, check_asset
+
+        path = check_asset("model.asset", self.asset, cache) / "config.json"
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError("model.asset", self.asset, problem=f"{path} is unreadable ({err})",
+                              hint=f"rebuild it with: {asset_command(cache, '--rebuild', self.asset)}") from err
+        return _info_from_config(config, self.asset, str(path.parent))
+
+    def architecture(self, cache: Path) -> nn.Module:
+        from transformers import AutoConfig
+
+        return _meta_model(AutoConfig.from_pretrained(Path(cache) / self.asset))
+
+    def load(self) -> tuple[nn.Module, Any]:
+        from gradmap.assets import ensure
+
+        hint = ("check it with: python -m gradmap.assets --verify; rebuild it with: python -m gradmap.assets "
+                f"--rebuild {self.asset}")
+        return _from_pretrained(str(ensure(self.asset)), self.dtype, self.device_map, None, "model.asset",
+                                self.asset, hint)
 
 
-def save_plain_checkpoint(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
-    """Save `model` as a plain safetensors checkpoint that `from_pretrained` loads without gguf.
+@dataclass
+class HubModel:
+    """A Hugging Face hub checkpoint (name or path), in its native dtype across GPUs (conf/model/llama2_7b, ...)."""
 
-    A GGUF-loaded model refuses `save_pretrained` while `config.quantization_config` is set, and keeps quantizer
-    state on the object; its weights are already dequantised, so a fresh model is rebuilt from the cleaned config
-    and the state dict, and that one is saved.
-    """
-    from transformers import AutoModelForCausalLM
+    pretrained: str = option()
+    dtype: str = option(choices=tuple(DTYPE_ALIASES))
+    device_map: Optional[Any] = option()  # auto: spread across all visible GPUs (accelerate)
+    attn_implementation: Optional[str] = option()
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        dtype = next(iter(state.values())).dtype
-        clean = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        missing, unexpected = clean.load_state_dict(state, strict=False)
-        # Tied embeddings legitimately appear as "missing" lm_head weights.
-        missing = [k for k in missing if not (k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
-        if missing or unexpected:
-            raise RuntimeError(f"rebuilding the model for saving lost weights: missing={missing} unexpected={unexpected}")
-        clean.save_pretrained(out, safe_serialization=True)
-    else:
-        model.save_pretrained(out, safe_serialization=True)
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(out)
-    return out
+    def info(self, cache: Path) -> ModelInfo:
+        try:
+            from huggingface_hub.utils import logging as hub_logging
+            from transformers import AutoConfig
+
+            verbosity = hub_logging.get_verbosity()
+            hub_logging.set_verbosity_error()  # its retry warnings would break the one-line error
+            try:
+                config = AutoConfig.from_pretrained(self.pretrained).to_dict()
+            finally:
+                hub_logging.set_verbosity(verbosity)
+        except Exception as err:  # noqa: BLE001  (network, typo, gated model: all mean "cannot read it")
+            raise ConfigError("model.pretrained", self.pretrained, problem=f"its config cannot be read ({brief(err)})",
+                              hint="check the name, network access or the Hugging Face cache (HF_HUB_OFFLINE), "
+                                   "and `huggingface-cli login` for gated models") from err
+        return _info_from_config(config, self.pretrained, None)
+
+    def architecture(self, cache: Path) -> nn.Module:
+        from transformers import AutoConfig
+
+        return _meta_model(AutoConfig.from_pretrained(self.pretrained))
+
+    def load(self) -> tuple[nn.Module, Any]:
+        return _from_pretrained(self.pretrained, self.dtype, self.device_map, self.attn_implementation,
+                                "model.pretrained", self.pretrained, "check the name and network access")
+
+
+@dataclass
+class TinyRandomModel:
+    """The tiny random Llama with a byte tokenizer (conf/model/tiny_random.yaml): tests and smoke runs."""
+
+    dtype: str = option(choices=tuple(DTYPE_ALIASES))
+    device_map: Optional[Any] = option()
+    config: dict = option(schema=TinyConfig, extra_keys=True)  # TinyConfig's keys; further keys go to LlamaConfig
+
+    def info(self, cache: Path) -> ModelInfo:
+        return ModelInfo(self.config["num_layers"], self.config["max_position_embeddings"], "llama")
+
+    def architecture(self, cache: Path) -> nn.Module:
+        return _meta_model(tiny_random_config(**dict(self.config)))
+
+    def load(self) -> tuple[nn.Module, Any]:
+        model = tiny_random_llama(**dict(self.config)).to(resolve_dtype(self.dtype))
+        return model, ByteTokenizer(model.config.vocab_size)
+
+
+MODEL_CLASSES = (OfflineModel, HubModel, TinyRandomModel)
+
+
+def load_model(cfg: Any) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a config class, or from a `conf/model/*.yaml` node (built through its `_target_`)."""
+    if not isinstance(cfg, MODEL_CLASSES):
+        from hydra.utils import instantiate
+
+        cfg = instantiate(cfg, _convert_="all")
+    return cfg.load()

@@ -21,7 +21,7 @@ Our interpretation (the paper's exact formulas are not public):
   A = (Y^T Y + lam I)^-1 (Y^T T + lam I), in float64; lam = alpha * tr(Y^T Y) / d keeps alpha scale-free, and
   alpha -> inf gives A = I (no change). Folding: y' = A^T y, so W_down <- A^T W_down (and the bias likewise).
 * Multiple sites are fitted in depth order, each on the model with the earlier corrections already folded in; the
-  dense targets are computed once, before any fold, from the removed layers kept in memory (`surgery.dense_view`).
+  dense targets are computed once, before any fold, from the removed layers kept in memory (their dense view).
 * Guard (`guard=final_error`, our addition): a fit lowers the error at its own site by construction, but the layers
   after it can amplify what it changed (seen on SmolLM2 after an 11-layer gap: site error 0.95 -> 0.25, final-layer
   error 0.68 -> 1.61, perplexity 244 -> 2220). So after each fold the final-layer calibration error is measured
@@ -39,20 +39,16 @@ import torch
 from torch import nn
 
 from gradmap import surgery
-from gradmap.capture import layer_io
+from gradmap.capture import dense_states, layer_io, layer_outputs
 from gradmap.compensation import Compensation, IncompatibleCompensationError
+from gradmap.errors import ConfigError
 from gradmap.metric import Calibration, Cost, progress
 from gradmap.models import model_device
-from gradmap.validation import ConfigError
+from gradmap.module_paths import OUTPUT_PROJECTIONS, POST_MLP_NORMS, first_path
 
 SITE_RULES = ("largest", "largest_gap", "topk", "before_gap")
 SHIFT_MEASURES = ("mean", "rms")
 GUARDS = ("final_error", "none")
-# Output projection of the MLP, per architecture family; folding into it is exact when nothing follows it but
-# the residual add.
-OUTPUT_PROJECTIONS = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "fc2")
-# A norm between the MLP and the residual add makes folding inexact (e.g. Gemma's post_feedforward_layernorm).
-POST_MLP_NORMS = ("post_feedforward_layernorm",)
 
 
 # ---------------------------------------------------------------- pure tensor maths
@@ -115,24 +111,77 @@ def choose_sites(rule: str, shifts: Sequence[float], kept: Sequence[int], aligne
 
 
 def output_projection(layer: nn.Module) -> nn.Module:
-    for path in OUTPUT_PROJECTIONS:
-        module = layer
-        for part in path.split("."):
-            module = getattr(module, part, None)
-            if module is None:
-                break
-        if module is not None:
-            return module
-    raise IncompatibleCompensationError(
-        f"projection compensation cannot find the MLP output projection of {type(layer).__name__}; "
-        f"looked for: {list(OUTPUT_PROJECTIONS)}")
+    found = first_path(layer, OUTPUT_PROJECTIONS)
+    if found is None:
+        raise IncompatibleCompensationError(
+            f"projection compensation cannot find the MLP output projection of {type(layer).__name__}; "
+            f"looked for: {list(OUTPUT_PROJECTIONS)}")
+    return found[1]
+
+
+class _Guard:
+    """`guard=final_error`: the last fold waits here until the final-layer error with it is known, then is kept (the
+    error becomes the one to beat) or undone bit-exactly."""
+
+    def __init__(self, final_error: float):
+        self.final_error = final_error
+        self.pending: tuple[dict[str, Any], nn.Module, dict[str, torch.Tensor]] | None = None
+
+    def hold(self, report: dict[str, Any], proj: nn.Module, original: dict[str, torch.Tensor]) -> None:
+        self.pending = (report, proj, original)
+
+    def settle(self, err: float) -> bool:
+        """Keep or undo the pending fold given the final error measured with it; True if undone."""
+        report, proj, original = self.pending
+        self.pending = None
+        report["final_rel_error_with_fold"] = err
+        if err > self.final_error:
+            proj.load_state_dict(original)  # bit-exact original weights
+            report["kept"] = False
+            return True
+        self.final_error = err
+        return False
+
+
+class _NormalEquations:
+    """Y^T Y and Y^T T at kept layer `site`, summed in float64 over calibration batches, and the relative squared
+    error at the last kept layer on the same pass (hooks on the output projection and the layers)."""
+
+    def __init__(self, site: int, last: int, targets: list[torch.Tensor], final_targets: list[torch.Tensor]):
+        self.site, self.last, self.targets, self.final_targets = site, last, targets, final_targets
+        self.yty: torch.Tensor | None = None
+        self.ytt: torch.Tensor | None = None
+        self.num = self.den = 0.0
+        self.batch = 0  # index of the calibration batch being run
+        self.y: torch.Tensor | None = None  # the output projection's output in this batch
+
+    def on_projection(self, _module, _args, out: torch.Tensor) -> None:
+        self.y = out.detach()
+
+    def on_layer(self, pos: int, _inp: torch.Tensor, out: torch.Tensor) -> None:
+        b = self.batch
+        if pos == self.site:
+            y = self.y.double().flatten(0, -2)
+            r = out.detach().double().flatten(0, -2) - y
+            t = self.targets[b].double().flatten(0, -2).to(y.device) - r
+            self.yty = y.T @ y if self.yty is None else self.yty + y.T @ y
+            self.ytt = y.T @ t if self.ytt is None else self.ytt + y.T @ t
+        if pos == self.last:
+            hd = self.final_targets[b].double().to(out.device)
+            self.num += float((out.detach().double() - hd).pow(2).sum())
+            self.den += float(hd.pow(2).sum())
+
+    @property
+    def final_error(self) -> float:
+        return self.num / max(self.den, 1e-30)
 
 
 class ProjectionCompensation(Compensation):
-    """GradMAP projection compensation (arXiv 2602.14649); see the module docstring.
+    """GradMAP projection compensation (arXiv 2602.14649); see the module docstring. Defaults: conf/compensation/
+    projection.yaml (chosen by measurement, README).
 
     Args:
-        sites: `largest` | `largest_gap` | `topk` | `before_gap`; default chosen by measurement (README).
+        sites: `largest` | `largest_gap` | `topk` | `before_gap`.
         top_k: number of sites for `topk`.
         shift: `mean` | `rms`, how the drift at each kept layer is measured.
         alpha: ridge strength toward the identity, relative to tr(Y^T Y)/d.
@@ -167,21 +216,14 @@ class ProjectionCompensation(Compensation):
     # -- passes over the calibration data --------------------------------------------------------------------
 
     @torch.no_grad()
-    def _forward_capture(self, model, batch, positions: Sequence[int]) -> dict[int, torch.Tensor]:
-        out: dict[int, torch.Tensor] = {}
-        with layer_io(model, lambda p, i, o: out.__setitem__(p, o.detach()), positions):  # model dtype: memory
-            model(input_ids=batch, use_cache=False)
-        return out
-
-    @torch.no_grad()
     def _drift(self, model, removed, calib, aligned: Sequence[int]) -> list[dict[str, Any]]:
         """Streaming drift statistics of every kept layer vs its aligned dense state (one batch in memory)."""
         stats = [{"n": 0, "diff_sum": 0.0, "dense_norm_sum": 0.0, "diff_sq_sum": 0.0, "dense_sq_sum": 0.0}
                  for _ in aligned]
         for batch in calib.batches(model_device(model)):
             with surgery.dense_view(model, removed):
-                dense = self._forward_capture(model, batch, sorted(set(aligned)))
-            pruned = self._forward_capture(model, batch, range(len(aligned)))
+                dense = layer_outputs(model, batch, sorted(set(aligned)))  # model dtype: memory
+            pruned = layer_outputs(model, batch, range(len(aligned)))
             for j, st in enumerate(stats):
                 hd = dense[aligned[j]].double().flatten(0, -2)
                 diff = pruned[j].double().flatten(0, -2) - hd
@@ -193,24 +235,13 @@ class ProjectionCompensation(Compensation):
         return stats
 
     @torch.no_grad()
-    def _dense_targets(self, model, removed, calib, targets: Sequence[int]) -> dict[int, list[torch.Tensor]]:
-        """Dense outputs of the given original layers per calibration batch, on the CPU (sites x tokens x d),
-        taken before any fold so later sites still see the true dense model."""
-        states: dict[int, list[torch.Tensor]] = {t: [] for t in targets}
-        with surgery.dense_view(model, removed):
-            for batch in calib.batches(model_device(model)):
-                for t, h in self._forward_capture(model, batch, sorted(states)).items():
-                    states[t].append(h.float().cpu())
-        return states
-
-    @torch.no_grad()
     def _errors(self, model, calib, positions: Sequence[int], targets: Mapping[int, list[torch.Tensor]],
                 aligned: Sequence[int]) -> dict[int, float]:
         """Relative squared error ||h_p - h_d||^2 / ||h_d||^2 at the given kept positions."""
         num = {j: 0.0 for j in positions}
         den = {j: 0.0 for j in positions}
         for b, batch in enumerate(calib.batches(model_device(model))):
-            out = self._forward_capture(model, batch, positions)
+            out = layer_outputs(model, batch, positions)
             for j in positions:
                 hd = targets[aligned[j]][b].double().to(out[j].device)
                 num[j] += float((out[j].double() - hd).pow(2).sum())
@@ -229,31 +260,20 @@ class ProjectionCompensation(Compensation):
         shifts = [shift_value(self.shift, st) for st in stats]
         sites = choose_sites(self.sites, shifts, kept, aligned, self.top_k)
         watch = sorted(set(sites) | {last})
-        targets = self._dense_targets(model, removed, calib, [aligned[j] for j in watch])
+        # Dense outputs per calibration batch (sites x tokens x d, CPU), taken before any fold so later sites still
+        # see the true dense model.
+        targets = dense_states(model, removed, calib, [aligned[j] for j in watch])
         before = {j: stats[j]["diff_sq_sum"] / max(stats[j]["dense_sq_sum"], 1e-30) for j in watch}
 
         layers = surgery.get_decoder_layers(model)
         site_reports: list[dict[str, Any]] = []
         final_targets = targets[aligned[last]]
-        state = {"final_error": before[last], "pending": None}  # pending: the last fold, awaiting the guard's check
-
-        def settle(err: float) -> bool:
-            """Keep or undo the pending fold given the final error measured with it; True if undone."""
-            rep, proj, original = state["pending"]
-            state["pending"] = None
-            rep["final_rel_error_with_fold"] = err
-            if err > state["final_error"]:
-                proj.load_state_dict(original)  # bit-exact original weights
-                rep["kept"] = False
-                return True
-            state["final_error"] = err
-            return False
-
+        guard = _Guard(before[last])
         for j in progress(sites, desc=f"{self.name}: fitting sites", unit="site"):
             proj = output_projection(layers[j])
             # The pass that fits site j also measures the final error with the previous fold: the guard is free.
             yty, ytt, err = self._normal_equations(model, calib, j, proj, targets[aligned[j]], last, final_targets)
-            if state["pending"] is not None and settle(err):  # undone: that pass saw the wrong model
+            if guard.pending is not None and guard.settle(err):  # undone: that pass saw the wrong model
                 yty, ytt, _ = self._normal_equations(model, calib, j, proj, targets[aligned[j]], last, final_targets)
             a = fit_projection(yty, ytt, self.alpha)
             original = {k: v.detach().clone() for k, v in proj.state_dict().items()}
@@ -264,9 +284,9 @@ class ProjectionCompensation(Compensation):
                                  "identity_distance": float(torch.linalg.matrix_norm(a - eye) / a.shape[0] ** 0.5),
                                  "kept": True})
             if self.guard == "final_error":
-                state["pending"] = (site_reports[-1], proj, original)
+                guard.hold(site_reports[-1], proj, original)
         after = self._errors(model, calib, watch, targets, aligned)
-        if state["pending"] is not None and settle(after[last]):
+        if guard.pending is not None and guard.settle(after[last]):
             after = self._errors(model, calib, watch, targets, aligned)
         for rep in site_reports:
             rep["rel_error_after"] = after[rep["kept_position"]]
@@ -284,29 +304,13 @@ class ProjectionCompensation(Compensation):
                           final_targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Accumulate Y^T Y and Y^T T at kept layer j in float64, streaming over calibration batches; the same pass
         returns the relative squared error at the last kept layer of the model as it stands."""
-        sums: dict[str, Any] = {"num": 0.0, "den": 0.0}
-        captured: dict[str, torch.Tensor] = {}
-        batch_index = {"i": 0}
-
-        def on_layer(pos, _inp, out):
-            b = batch_index["i"]
-            if pos == j:
-                y = captured["y"].double().flatten(0, -2)
-                r = out.detach().double().flatten(0, -2) - y
-                t = targets[b].double().flatten(0, -2).to(y.device) - r
-                sums["yty"] = sums.get("yty", 0) + y.T @ y
-                sums["ytt"] = sums.get("ytt", 0) + y.T @ t
-            if pos == last:
-                hd = final_targets[b].double().to(out.device)
-                sums["num"] += float((out.detach().double() - hd).pow(2).sum())
-                sums["den"] += float(hd.pow(2).sum())
-
-        handle = proj.register_forward_hook(lambda _m, _a, out: captured.__setitem__("y", out.detach()))
+        sums = _NormalEquations(j, last, targets, final_targets)
+        handle = proj.register_forward_hook(sums.on_projection)
         try:
-            with layer_io(model, on_layer, sorted({j, last})):
+            with layer_io(model, sums.on_layer, sorted({j, last})):
                 for batch in calib.batches(model_device(model)):
                     model(input_ids=batch, use_cache=False)
-                    batch_index["i"] += 1
+                    sums.batch += 1
         finally:
             handle.remove()
-        return sums["yty"], sums["ytt"], sums["num"] / max(sums["den"], 1e-30)
+        return sums.yty, sums.ytt, sums.final_error

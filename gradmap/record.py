@@ -1,176 +1,169 @@
-"""Run bookkeeping: per-stage wall time, peak memory and token cost; the atomic JSON record; environment versions.
+"""`record.json`, the source of truth of a run (W&B only mirrors it): the typed, versioned `RunRecord`.
 
-`record.json` in the Hydra output folder is the source of truth for a run; W&B only mirrors it.
+The runner (`gradmap.runner`), the job bookkeeping (`gradmap.jobs`), the loggers (`gradmap.loggers`) and the reports
+(`experiments.records`) all read and write it through this class, so every key is written and read in one place.
+`record.json` carries `schema_version`; `RunRecord.from_dict` is the one adapter for records written by earlier code
+(version 0: no `schema_version`, model/calibration/eval/logger configs dispatched on `source`/`kind` strings), and
+refuses records written by newer code (`RecordVersionError`). Standard library only (torch is imported only by
+`environment()`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
+import copy
+import dataclasses
 import importlib.metadata
-import json
-import os
 import platform
 import subprocess
-import threading
-import time
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
-from gradmap.files import atomic_write_json, atomic_write_text, json_default  # noqa: F401  (re-exported)
-from gradmap.metric import Cost, count_forward_tokens
-
-PRUNING_STAGES = ("score", "select", "prune", "compensate")  # "pruning time" = the sum of these
+# 1: RunRecord, `_target_` configs for every group (version 0: the dict records before; see `upgrade_v0`).
+SCHEMA_VERSION = 1
+STATUSES = ("running", "done", "failed", "interrupted")
 
 
-def stable_hash(obj: Any, length: int = 16) -> str:
-    """Content hash of a JSON-able object (key order independent)."""
-    blob = json.dumps(obj, sort_keys=True, default=json_default)
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+class RecordVersionError(ValueError):
+    """A record written by a newer gradmap (a higher `schema_version` than this code reads)."""
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+@dataclass
+class RunRecord:
+    """One job's record. Fields are None until the stage that sets them has run (a failed job keeps what it got)."""
+
+    schema_version: int = SCHEMA_VERSION
+    # The job (gradmap.jobs): the resolved config, the option chosen per group, every attempt.
+    config: dict[str, Any] = field(default_factory=dict)
+    choices: dict[str, Any] = field(default_factory=dict)
+    started: str | None = None
+    status: str = "running"  # running | done | failed | interrupted
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # pid, host, start, end, status, reason, sweep
+    reruns_skipped: list[str] = field(default_factory=list)  # when a finished job was asked to run again
+    error: dict[str, Any] | None = None  # type, message, traceback (+ key, value, allowed for a refused value)
+    failed_stage: str | None = None
+    finished: str | None = None
+    # The run (gradmap.runner).
+    environment: dict[str, Any] | None = None  # package versions, git commit, device
+    timings: dict[str, Any] | None = None  # per stage: seconds, peak memory, token cost; pruning seconds and cost
+    model_class: str | None = None
+    num_layers: int | None = None
+    num_prune: int | None = None
+    prune_ratio: float | None = None
+    effective_prune_ratio: float | None = None
+    dtype: str | None = None
+    calibration: dict[str, Any] | None = None  # num_samples, seq_len, tokens, split
+    heldout: dict[str, Any] | None = None  # per text: corpus, split, tokens
+    dense_from_cache: str | None = None  # the dense-evaluation cache entry used (None: evaluated in this run)
+    results: dict[str, Any] | None = None  # dense, pruned, retained_pct, headline {dense, pruned}
+    selection_source: str | None = None  # computed | cache | cache+extended
+    selection_cache_key: str | None = None
+    original_scoring: dict[str, Any] | None = None  # seconds and tokens of the selection when it was computed
+    selection: dict[str, Any] | None = None  # removed, removal_order, decisions
+    removed_layers: list[int] | None = None
+    compensation: dict[str, Any] | None = None  # the compensation's report
+    pruning_seconds_original: float | None = None  # original scoring + prune + compensate
+    saved_to: str | None = None
+    # Keys of an upgraded old record that this schema does not know (kept, so rewriting it loses nothing).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**copy.deepcopy(self.extra), **out}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunRecord:
+        """A record read from JSON, of this schema or an older one (upgraded); RecordVersionError if newer."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"a record is a JSON object, not {type(raw).__name__}")
+        version = raw.get("schema_version", 0)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise ValueError(f"schema_version={version!r} is not a version number")
+        if version > SCHEMA_VERSION:
+            raise RecordVersionError(f"schema_version {version} is newer than this gradmap reads "
+                                     f"({SCHEMA_VERSION}); update gradmap to read it")
+        raw = copy.deepcopy(raw)
+        if version == 0:
+            raw = upgrade_v0(raw)
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        rec = cls(**{k: v for k, v in raw.items() if k in names})
+        rec.extra = {k: v for k, v in raw.items() if k not in names}
+        return rec
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's resident high-water mark (Linux >= 4.0); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+# --------------------------------------------------------------------------------------------- old records
+
+MODEL_TARGETS = {"offline": "gradmap.models.OfflineModel", "hub": "gradmap.models.HubModel",
+                 "tiny_random": "gradmap.models.TinyRandomModel"}
+CALIBRATION_TARGETS = {"offline_wiki": "gradmap.data.WikiCalibration", "hub": "gradmap.data.HubCalibration"}
+EVAL_TARGET = "gradmap.evaluation.Evaluation"
+LOGGER_TARGETS = {"none": "gradmap.loggers.NullLogger", "wandb": "gradmap.loggers.WandbLogger"}
 
 
-def _hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status")
+def upgrade_config_v0(config: dict[str, Any]) -> dict[str, Any]:
+    """A version-0 resolved config in today's shape, with the values the version-0 code used: `source`/`kind` become
+    the `_target_` class, and the keys that code read with a default get that default (calibration `path`, lm-eval
+    `seed`, a local task's `asset` and `file`). So a finished old job compares equal to the same job today (and is
+    not rerun), and reports label old and new runs alike."""
+    out = copy.deepcopy(config)
+    model = out.get("model")
+    if isinstance(model, dict) and "_target_" not in model and model.get("source") in MODEL_TARGETS:
+        target = MODEL_TARGETS[model.pop("source")]
+        out["model"] = {"_target_": target, **model}
+        if target.endswith("HubModel"):
+            out["model"].setdefault("attn_implementation", None)
+    calib = out.get("calibration")
+    if isinstance(calib, dict) and "_target_" not in calib and calib.get("source") in CALIBRATION_TARGETS:
+        target = CALIBRATION_TARGETS[calib.pop("source")]
+        out["calibration"] = {"_target_": target, **calib}
+        if target.endswith("WikiCalibration"):
+            out["calibration"].setdefault("path", None)
+    ev = out.get("eval")
+    if isinstance(ev, dict) and "_target_" not in ev and "heldout" in ev:
+        out["eval"] = {"_target_": EVAL_TARGET, **ev}
+        lm = ev.get("lm_eval")
+        if isinstance(lm, dict):
+            lm.setdefault("seed", out.get("seed"))
+            for name, spec in (lm.get("local_tasks") or {}).items():
+                if isinstance(spec, dict):
+                    spec.setdefault("asset", str(name).removesuffix("_bigbench"))
+                    spec.setdefault("file", "test.jsonl")
+    log = out.get("logger")
+    if isinstance(log, dict) and "_target_" not in log and log.get("kind") in LOGGER_TARGETS:
+        out["logger"] = {"_target_": LOGGER_TARGETS[log.pop("kind")], **log}
+    return out
 
 
-class _PeakRSS:
-    """Peak resident memory over a block: CPU has no allocator peak counter like CUDA's. Uses the kernel's exact
-    high-water mark when it can be reset; otherwise samples RSS in a background thread (may miss short peaks).
-    A block nested in an exact one samples, since resetting the mark would corrupt the outer block's peak."""
-
-    _exact_active = 0
-
-    def __init__(self, interval: float = 0.02):
-        self.interval = interval
-        self.peak = _rss_bytes()
-        self.exact = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, _rss_bytes())
-
-    def __enter__(self) -> _PeakRSS:
-        self.exact = _PeakRSS._exact_active == 0 and _reset_peak_rss()
-        _PeakRSS._exact_active += self.exact
-        if not self.exact:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.exact:
-            self.peak = max(self.peak, _hwm_bytes())
-            _PeakRSS._exact_active -= 1
-        else:
-            self._stop.set()
-            self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
+def upgrade_v0(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 0 (dict records, no `schema_version`) -> version 1: the config in today's shape; every other key
+    kept as it was (keys that did not exist yet read as None)."""
+    raw = dict(raw)
+    if isinstance(raw.get("config"), dict):
+        raw["config"] = upgrade_config_v0(raw["config"])
+    raw["schema_version"] = SCHEMA_VERSION
+    return raw
 
 
-class StageRecorder:
-    """Times stages (`time.perf_counter`, device-synchronised on GPU), records peak memory and token cost.
-
-    Re-entering a stage name accumulates its time and cost (e.g. iterative scoring).
-    """
-
-    def __init__(self, device: str | torch.device = "cpu", progress: bool = True):
-        self.cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
-        self.seconds: dict[str, float] = {}
-        self.peak_memory: dict[str, dict[str, int]] = {}
-        self.costs: dict[str, Cost] = {}
-        self.progress = progress
-        self.current: str | None = None  # the stage running now (a failure records it)
-        self.last: str | None = None
-
-    def _sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    @contextlib.contextmanager
-    def stage(self, name: str, model: nn.Module | None = None) -> Iterator[Cost]:
-        cost = self.costs.setdefault(name, Cost())
-        self.current = self.last = name
-        if self.progress:
-            print(f"[gradmap] stage {name} ...", flush=True)
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        self._sync()
-        t0 = time.perf_counter()
-        with _PeakRSS() as rss, (count_forward_tokens(model, cost) if model is not None else contextlib.nullcontext()):
-            yield cost
-            self._sync()
-        elapsed = time.perf_counter() - t0
-        self.current = None
-        self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
-        mem = self.peak_memory.setdefault(name, {"cpu_rss_bytes": 0})
-        mem["cpu_rss_bytes"] = max(mem["cpu_rss_bytes"], rss.peak)
-        if self.cuda:
-            mem["cuda_max_allocated_bytes"] = max(mem.get("cuda_max_allocated_bytes", 0),
-                                                  torch.cuda.max_memory_allocated())
-        if self.progress:
-            print(f"[gradmap] stage {name} done in {elapsed:.1f}s", flush=True)
-
-    def add_seconds(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-
-    @property
-    def pruning_seconds(self) -> float:
-        return sum(self.seconds.get(s, 0.0) for s in PRUNING_STAGES)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"seconds": dict(self.seconds), "pruning_seconds": self.pruning_seconds,
-                "peak_memory": self.peak_memory, "cost": {k: v.as_dict() for k, v in self.costs.items()},
-                "pruning_cost": _sum_costs(self.costs, PRUNING_STAGES)}
-
-
-def _sum_costs(costs: dict[str, Cost], names: tuple[str, ...]) -> dict[str, int]:
-    total = Cost()
-    for name in names:
-        if name in costs:
-            total.add(costs[name])
-    return total.as_dict()
-
+# --------------------------------------------------------------------------------------------- environment
 
 VERSIONED_PACKAGES = ("torch", "transformers", "lm_eval", "hydra-core", "omegaconf", "datasets", "wandb",
                       "accelerate", "gguf", "numpy", "gradmap")
 
 
 def environment() -> dict[str, Any]:
+    """Python, platform, package versions, CUDA and device, torch threads, git commit."""
+    import torch
+
     versions = {}
     for pkg in VERSIONED_PACKAGES:
         try:
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
-    env = {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
-           "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-           "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
-           "torch_threads": torch.get_num_threads(), "git_commit": git_commit()}
-    return env
+    return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+            "torch_threads": torch.get_num_threads(), "git_commit": git_commit()}
 
 
 def git_commit() -> str | None:

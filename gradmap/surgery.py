@@ -3,65 +3,40 @@
 Everything that changes which decoder layers a model runs goes through this module, so the three things that
 must stay consistent always do: the layer list itself, the per-layer entries of the config (`num_hidden_layers`,
 `layer_types`, ...), and the attention modules' `layer_idx` (used to address the KV cache during generation).
+
+`remove_layers` returns a `RemovedLayers`: the layers it took out, keyed by position, with their per-layer config
+entries, so it can put them back for a while (`dense_view`: how compensation sees the dense model without a copy)
+or for good (`restore`). No state is kept anywhere else.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import weakref
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-# Attribute paths (from the CausalLM wrapper) to the decoder layer list, per architecture family.
-LAYER_PATHS: dict[str, str] = {
-    "llama/mistral/qwen2/qwen3/gemma/gemma3/phi3": "model.layers",
-    "gpt2": "transformer.h",
-    "gpt_neox": "gpt_neox.layers",
-    "opt": "model.decoder.layers",
-}
+from gradmap.module_paths import LAYER_PATHS, first_path
+
 # Config attributes that hold the layer count under another name (GPT-2 style configs).
 _LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layer", "num_layers")
 # Config attributes that are per-layer lists and must shrink with the model.
 _PER_LAYER_LIST_ATTRS = ("layer_types", "sliding_window_pattern_list", "no_rope_layers", "mlp_only_layers")
 
 
-# Per-layer config entries (e.g. a removed layer's `layer_types` entry) of layers taken out by `remove_layers`,
-# so `restore_layers` without a config snapshot (`dense_view`) can regrow the per-layer lists: the pruned config no
-# longer holds them. Weak keys: entries go away with the removed layer objects.
-_REMOVED_ENTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 class UnsupportedArchitectureError(ValueError):
     pass
 
 
-def _resolve(obj: object, path: str) -> object | None:
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def _layer_path(model: nn.Module) -> str:
-    for path in LAYER_PATHS.values():
-        found = _resolve(model, path)
-        if isinstance(found, nn.ModuleList):
-            return path
-    raise UnsupportedArchitectureError(
-        f"cannot find the decoder layer list of {type(model).__name__}; supported layouts: "
-        + ", ".join(f"{fam} (`{p}`)" for fam, p in LAYER_PATHS.items())
-    )
-
-
 def get_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's decoder layer list (raises UnsupportedArchitectureError naming the class if unknown)."""
-    return _resolve(model, _layer_path(model))  # type: ignore[return-value]
+    found = first_path(model, LAYER_PATHS.values(), nn.ModuleList)
+    if found is None:
+        raise UnsupportedArchitectureError(
+            f"cannot find the decoder layer list of {type(model).__name__}; supported layouts: "
+            + ", ".join(f"{fam} (`{p}`)" for fam, p in LAYER_PATHS.items()))
+    return found[1]
 
 
 def num_layers(model: nn.Module) -> int:
@@ -151,7 +126,50 @@ def _check_indices(indices: Sequence[int], n: int) -> list[int]:
     return sorted(indices)
 
 
-def remove_layers(model: nn.Module, indices: Sequence[int]) -> dict[int, nn.Module]:
+class RemovedLayers(Mapping[int, nn.Module]):
+    """The layers `remove_layers` took out of `model`, keyed by their position in the model they were removed from
+    (original indices for a first removal), with the per-layer config entries they had (e.g. their `layer_types`).
+
+    A read-only mapping {position: layer}, in position order. `dense_view()` puts the layers back for the duration
+    of a block (the dense model, without a copy), `restore()` for good; `then(later)` combines it with a removal
+    made afterwards on the pruned model, keyed by original position.
+    """
+
+    def __init__(self, model: nn.Module, layers: Mapping[int, nn.Module], entries: Mapping[int, dict[str, object]]):
+        self.model = model
+        self._layers = dict(sorted(layers.items()))
+        self.entries = dict(entries)
+
+    def __getitem__(self, position: int) -> nn.Module:
+        return self._layers[position]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __repr__(self) -> str:
+        return f"RemovedLayers(positions={list(self._layers)})"
+
+    def dense_view(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """The model with these layers back in place for the block (see `dense_view`)."""
+        return dense_view(self.model, self)
+
+    def restore(self) -> None:
+        """Put the layers back for good (the inverse of the `remove_layers` call that returned this)."""
+        restore_layers(self.model, self)
+
+    def then(self, later: RemovedLayers) -> RemovedLayers:
+        """These layers and `later` (removed afterwards from the model this removal left), keyed by position in
+        the model before this removal."""
+        kept = kept_indices(len(self) + num_layers(self.model) + len(later), list(self))
+        layers = {**self._layers, **{kept[p]: layer for p, layer in later.items()}}
+        entries = {**self.entries, **{kept[p]: e for p, e in later.entries.items()}}
+        return RemovedLayers(self.model, layers, entries)
+
+
+def remove_layers(model: nn.Module, indices: Sequence[int]) -> RemovedLayers:
     """Remove the layers at the given current positions, in place; return them keyed by position.
 
     Keeps the config's per-layer fields in sync and renumbers `layer_idx`, so cached generation works.
@@ -160,9 +178,8 @@ def remove_layers(model: nn.Module, indices: Sequence[int]) -> dict[int, nn.Modu
     n = len(layers)
     drop = set(_check_indices(list(indices), n))
     keep = [i for i in range(n) if i not in drop]
-    removed = {i: layers[i] for i in sorted(drop)}
-    for i, layer in removed.items():
-        _REMOVED_ENTRIES[layer] = _layer_entries(model.config, i, n)
+    removed = RemovedLayers(model, {i: layers[i] for i in sorted(drop)},
+                            {i: _layer_entries(model.config, i, n) for i in sorted(drop)})
     _set_decoder_layers(model, [layers[i] for i in keep])
     _sync_config(model.config, keep, n)
     _renumber(get_decoder_layers(model))
@@ -170,7 +187,9 @@ def remove_layers(model: nn.Module, indices: Sequence[int]) -> dict[int, nn.Modu
 
 
 def restore_layers(model: nn.Module, removed: Mapping[int, nn.Module], config_snapshot: Mapping | None = None) -> None:
-    """Inverse of `remove_layers`: put `removed` back at their positions (positions in the restored model)."""
+    """Inverse of `remove_layers`: put `removed` back at their positions (positions in the restored model). The
+    config comes back from `config_snapshot` if given, else from the removed layers' own entries (a
+    `RemovedLayers`; a plain mapping restores the layer count only)."""
     current = list(get_decoder_layers(model))
     total = len(current) + len(removed)
     it = iter(current)
@@ -182,8 +201,9 @@ def restore_layers(model: nn.Module, removed: Mapping[int, nn.Module], config_sn
         for attr in _LAYER_COUNT_ATTRS:
             if isinstance(getattr(model.config, attr, None), int):
                 setattr(model.config, attr, total)
-        if all(layer in _REMOVED_ENTRIES for layer in removed.values()):
-            _regrow_config(model.config, {i: _REMOVED_ENTRIES[layer] for i, layer in removed.items()}, total)
+        entries = getattr(removed, "entries", None)
+        if entries is not None and set(entries) == set(removed):
+            _regrow_config(model.config, entries, total)
     _renumber(merged)
 
 
@@ -206,7 +226,8 @@ def layers_removed(model: nn.Module, indices: Sequence[int]) -> Iterator[nn.Modu
 
 @contextlib.contextmanager
 def dense_view(model: nn.Module, removed: Mapping[int, nn.Module]) -> Iterator[nn.Module]:
-    """Temporarily reinsert removed layers (keyed by original position) into a pruned model.
+    """Temporarily reinsert removed layers (keyed by original position; a `RemovedLayers`, whose config entries
+    come back too) into a pruned model.
 
     This is how compensation gets the dense reference without a second copy of the model: the removed layers
     are kept in memory until compensation ends.
@@ -241,14 +262,15 @@ def aligned_dense_layers(original_count: int, removed: Sequence[int]) -> tuple[l
     return kept, aligned
 
 
-def save_pruned(model: nn.Module, tokenizer, save_dir: str | os.PathLike, info: Mapping[str, object]) -> Path:
-    """Write a standard checkpoint that plain `AutoModelForCausalLM.from_pretrained` loads, plus
-    `pruning_info.json` (which original layers were removed and how the model was compensated)."""
-    from gradmap.models import save_plain_checkpoint
-
-    out = save_plain_checkpoint(model, tokenizer, save_dir)
-    (out / "pruning_info.json").write_text(json.dumps(dict(info), indent=2, default=str))
-    return out
+def contiguous_gaps(removed: Iterable[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive removed original indices as (first, last), in depth order: [2, 3, 7] -> [(2, 3), (7, 7)]."""
+    gaps: list[tuple[int, int]] = []
+    for i in sorted(removed):
+        if gaps and i == gaps[-1][1] + 1:
+            gaps[-1] = (gaps[-1][0], i)
+        else:
+            gaps.append((i, i))
+    return gaps
 
 
 @torch.no_grad()

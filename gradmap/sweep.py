@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 
 from gradmap.files import read_json
 from gradmap.jobs import RECORD, SWEEP_ENV, attempt_alive
+from gradmap.record import RecordVersionError, RunRecord
 
 LAST_SUMMARY: Summary | None = None  # the summary of the sweep that ended last in this process (read by run.py)
 
@@ -46,10 +47,15 @@ def summarize(sweep_dir: str | Path, sweep_id: str | None) -> Summary:
     """Classify the jobs under `sweep_dir` whose latest attempt belongs to sweep `sweep_id` (all jobs if None)."""
     summary = Summary(Path(sweep_dir))
     for path in sorted(Path(sweep_dir).rglob(RECORD)):
-        rec = read_json(path, discard_corrupt=False)
-        if not isinstance(rec, dict):
+        raw = read_json(path, discard_corrupt=False)
+        try:
+            rec = RunRecord.from_dict(raw)
+        except RecordVersionError as err:
+            summary.failed.append((str(path.parent.relative_to(summary.sweep_dir)), f"record not read: {err}"))
             continue
-        attempts = [a for a in rec.get("attempts", []) if isinstance(a, dict)]
+        except (TypeError, ValueError):
+            continue
+        attempts = [a for a in rec.attempts if isinstance(a, dict)]
         mine = [a for a in attempts if sweep_id is None or a.get("sweep") == sweep_id]
         if not mine:
             continue
@@ -65,7 +71,7 @@ def summarize(sweep_dir: str | Path, sweep_id: str | None) -> Summary:
         elif status == "running":  # still running elsewhere (another launcher process): not a failure yet
             summary.failed.append((job, "still running when the sweep ended"))
         else:
-            summary.failed.append((job, f"{status}: {last.get('reason') or (rec.get('error') or {}).get('message')}"))
+            summary.failed.append((job, f"{status}: {last.get('reason') or (rec.error or {}).get('message')}"))
     return summary
 
 

@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from gradmap import assets
 from gradmap.assets import AssetError
 import gradmap.data
-from gradmap.data import check_heldout_spec, load_calibration, load_heldout, load_heldout_tokens
+from gradmap.data import (HubCalibration, WikiCalibration, check_heldout_spec, load_calibration, load_heldout,
+                          load_heldout_tokens)
 from gradmap.models import ByteTokenizer
 
 # ------------------------------------------------------------------------------------------- wiki cleaning
@@ -207,7 +208,7 @@ def test_failed_download_is_asset_error(cache, monkeypatch):
 def test_social_iqa_via_ensure_and_incomplete_folder_rebuilt(cache, monkeypatch):
     root, house = cache
     tar = _tar_with(house, assets.SOCIAL_IQA_JSON, json.dumps(TASK).encode())
-    pkg = dataclasses.replace(assets.PACKAGES["bigbench"], sha256=assets._sha256(tar))
+    pkg = dataclasses.replace(assets.PACKAGES["bigbench"], sha256=assets.file_sha256(tar))
     monkeypatch.setitem(assets.PACKAGES, "bigbench", pkg)
     # An interrupted earlier build: folder present, no marker. It must not count as finished.
     stale = root / "social_iqa"
@@ -227,7 +228,7 @@ def test_marker_for_other_sources_is_rebuilt(cache, monkeypatch):
     root, house = cache
     tar = _tar_with(house, assets.SOCIAL_IQA_JSON, json.dumps(TASK).encode())
     monkeypatch.setitem(assets.PACKAGES, "bigbench",
-                        dataclasses.replace(assets.PACKAGES["bigbench"], sha256=assets._sha256(tar)))
+                        dataclasses.replace(assets.PACKAGES["bigbench"], sha256=assets.file_sha256(tar)))
     (root / "social_iqa").mkdir(parents=True)
     (root / "social_iqa" / ".complete").write_text("0" * 64 + "  old.tar.gz\n")
     assert not assets.is_complete("social_iqa")
@@ -255,15 +256,16 @@ def _jsonl(tmp_path: Path, texts: list[str]) -> Path:
 def test_load_calibration_shape_and_determinism(tmp_path):
     texts = [f"document {i} " + "abcdefghij" * (5 + i) for i in range(6)] + ["tiny"]
     path = _jsonl(tmp_path, texts)
-    cfg = OmegaConf.create({"source": "offline_wiki", "path": str(path), "num_samples": 10, "seq_len": 32,
-                            "batch_size": 4, "seed": 0})
+    cfg = WikiCalibration(path=str(path), num_samples=10, seq_len=32, batch_size=4, seed=0)
     tok = ByteTokenizer()
-    calib = load_calibration(cfg, tok)
+    calib = cfg.load(tok)
     assert calib.input_ids.shape == (10, 32) and calib.input_ids.dtype == torch.long
     assert calib.batch_size == 4 and calib.num_batches == 3
-    assert torch.equal(calib.input_ids, load_calibration(cfg, tok).input_ids)
-    cfg.seed = 1
-    assert not torch.equal(calib.input_ids, load_calibration(cfg, tok).input_ids)
+    assert torch.equal(calib.input_ids, cfg.load(tok).input_ids)
+    # The same from the YAML node (built through its _target_), and another seed draws other windows.
+    node = OmegaConf.create({"_target_": "gradmap.data.WikiCalibration", **dataclasses.asdict(cfg)})
+    assert torch.equal(calib.input_ids, load_calibration(node, tok).input_ids)
+    assert not torch.equal(calib.input_ids, dataclasses.replace(cfg, seed=1).load(tok).input_ids)
     # Every window is a contiguous slice of one document's tokens.
     docs = [tok.encode(t) for t in texts]
     for row in calib.input_ids.tolist():
@@ -272,13 +274,10 @@ def test_load_calibration_shape_and_determinism(tmp_path):
 
 def test_load_calibration_errors(tmp_path):
     path = _jsonl(tmp_path, ["short"])
-    with pytest.raises(ValueError, match="'bogus'.*offline_wiki"):
-        load_calibration(OmegaConf.create({"source": "bogus"}), ByteTokenizer())
     with pytest.raises(ValueError, match="seq_len"):
-        load_calibration(OmegaConf.create({"source": "offline_wiki", "path": str(path), "num_samples": 2,
-                                           "seq_len": 64, "seed": 0}), ByteTokenizer())
+        WikiCalibration(path=str(path), num_samples=2, seq_len=64, batch_size=2, seed=0).load(ByteTokenizer())
     with pytest.raises(ValueError, match="'c5'.*wikitext2"):
-        load_calibration(OmegaConf.create({"source": "hub", "dataset": "c5"}), ByteTokenizer())
+        HubCalibration(dataset="c5", num_samples=2, seq_len=64, batch_size=2, seed=0).load(ByteTokenizer())
 
 
 def test_load_heldout_tokens(tmp_path):
@@ -347,8 +346,7 @@ def test_calibration_reads_only_the_calib_split(monkeypatch, tmp_path):
     opened = []
     monkeypatch.setattr(gradmap.data, "read_jsonl_texts",
                         lambda p, *args: opened.append(Path(p).name) or real_read(p, *args))
-    load_calibration(OmegaConf.create({"source": "offline_wiki", "num_samples": 2, "seq_len": 8, "seed": 0}),
-                     ByteTokenizer())
+    WikiCalibration(path=None, num_samples=2, seq_len=8, batch_size=2, seed=0).load(ByteTokenizer())
     assert read == ["wiki"] and opened == ["calib.jsonl"]
 
 

@@ -41,7 +41,7 @@ def _fake_model_asset(cache: Path, manifest: bool = True) -> Path:
     save_file({"w": torch.arange(64, dtype=torch.float32)}, str(folder / "model.safetensors"))
     if manifest:
         assets.write_manifest(folder)
-    (folder / ".complete").write_text(assets._marker_text(assets.ASSETS["smollm2_135m"]))
+    (folder / ".complete").write_text(assets.marker_text(assets.ASSETS["smollm2_135m"]))
     return folder
 
 
@@ -135,7 +135,8 @@ CASES = [
     ("accum_dtype_unknown", "choice", ["metric=bi", "metric.accum_dtype=float8"], "metric.accum_dtype", None),
     ("sites_unknown", "choice", ["compensation.sites=nowhere"], "compensation.sites", None),
     ("dtype_unknown", "choice", ["dtype=int8"], "dtype", None),
-    ("calibration_source_unknown", "choice", ["calibration.source=web"], "calibration.source", None),
+    ("calibration_class_unknown", "choice", ["calibration._target_=gradmap.models.HubModel"], "calibration._target_",
+     None),
     ("corpus_unknown", "choice", ["eval.heldout.texts.tiny.corpus=books"], "eval.heldout.texts.tiny.corpus", None),
     ("device_unknown", "choice", ["device=tpu"], "device", None),
     ("wandb_mode_unknown", "choice", ["logger=wandb", "logger.mode=sometimes"], "logger.mode", None),
@@ -158,7 +159,8 @@ CASES = [
     # task: lm-eval tasks that do not exist or cannot run
     ("lm_eval_task_unknown", "task", ["eval.lm_eval.tasks=[no_such_task_xyz]"], "eval.lm_eval.tasks", None),
     ("local_task_template_missing", "task",
-     ["eval.lm_eval.tasks=[mytask]", "+eval.lm_eval.local_tasks.mytask={template:nosuch,data:null}"],
+     ["eval.lm_eval.tasks=[mytask]",
+      "+eval.lm_eval.local_tasks.mytask={template:nosuch,data:null,asset:null,file:null}"],
      "eval.lm_eval.local_tasks.mytask.template", None),
     ("lm_eval_with_byte_tokenizer", "task", ["eval.lm_eval.tasks=[boolq]"], "eval.lm_eval.tasks", None),
     # hydra: composition and instantiation errors, the same one line and exit 2
@@ -170,7 +172,7 @@ CASES = [
     ("interpolation_broken", "hydra", ["seed=${oops}"], "seed", None),
     # asset: missing (the line says the command that builds it) or corrupt (verified before loading)
     ("model_asset_missing", "asset", ["model=smollm2_135m"], "model.asset", None),
-    ("wiki_asset_missing", "asset", ["!calibration.path", "calibration=wiki_offline"], "calibration.source", None),
+    ("wiki_asset_missing", "asset", ["!calibration.path", "calibration=wiki_offline"], "calibration.path", None),
     ("heldout_asset_missing", "asset", ["!eval.heldout.texts.tiny.path", "eval=offline"],
      "eval.heldout.texts.wiki_test.corpus", None),
     ("weights_truncated", "asset", ["model=smollm2_135m"], "model.asset", truncated_weights),

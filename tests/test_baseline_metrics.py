@@ -278,7 +278,7 @@ def test_block_taylor_matches_autograd(batch_size):
     model = tiny_random_llama(num_layers=4)
     calib = make_calib(batch_size)
     cost = Cost()
-    scores = BlockTaylor(accum_dtype="float64").score(model, calib, cost)
+    scores = BlockTaylor(protect_first=0, protect_last=0, accum_dtype="float64").score(model, calib, cost)
     assert cost.backward_tokens == calib.num_tokens
 
     ids = calib.input_ids  # equal-length rows: the full-batch mean loss is one forward over all of them
@@ -307,9 +307,10 @@ def test_block_taylor_leaves_biases_out_by_default(batch_size):
     it = iter(grads)
     terms = [[(name, float((p.detach().double() * next(it).double()).abs().sum())) for name, p in ps] for ps in named]
 
-    weights = BlockTaylor(accum_dtype="float64").score(model, calib, Cost())
+    weights = BlockTaylor(protect_first=0, protect_last=0, accum_dtype="float64").score(model, calib, Cost())
     assert weights.tolist() == pytest.approx([sum(t for name, t in ts if "weight" in name) for ts in terms], rel=1e-4)
-    every = BlockTaylor(accum_dtype="float64", parameters="all").score(model, calib, Cost())
+    every = BlockTaylor(protect_first=0, protect_last=0, accum_dtype="float64", parameters="all").score(
+        model, calib, Cost())
     assert every.tolist() == pytest.approx([sum(t for _, t in ts) for ts in terms], rel=1e-4)
     assert all(e > w * (1 + 1e-3) for e, w in zip(every.tolist(), weights.tolist()))  # the biases did count there
 

@@ -210,7 +210,7 @@ def official_streamline_lambda(step: float, warmup: float, horizon: float, lr: f
 def test_streamline_lr_schedule_is_the_official_one():
     """train_lightweightnetwork.py: warmup = N * epochs * 0.01 * 0.5 and horizon = N * epochs * 0.5 in micro-batches
     N, but scheduler.step() once per 16 micro-batches (gradient accumulation): replay it per optimizer step."""
-    comp = StreamlineTraining()
+    comp = StreamlineTraining(part="layer")
     steps, accumulation = 100, 16
     micro_batches = steps * accumulation  # one epoch
     official = [official_streamline_lambda(u, micro_batches * 0.01 * 0.5, micro_batches * 0.5, 2e-4, 5e-5)
@@ -222,11 +222,11 @@ def test_streamline_lr_schedule_is_the_official_one():
     assert ours[99] == pytest.approx((5e-5 + 0.96778 * 1.5e-4) / 2e-4, abs=1e-5)
     assert min(ours[8:]) > 0.97
     # This repo's earlier schedule as an option: 1% warmup, then a full cosine down toward min_lr (0.25 lr).
-    old = StreamlineTraining(warmup_ratio=0.01, decay_horizon=1.0)
+    old = StreamlineTraining(part="layer", warmup_ratio=0.01, decay_horizon=1.0)
     assert old._lr_factor(1, steps) == pytest.approx(1.0)
     assert old._lr_factor(99, steps) == pytest.approx(0.25, abs=1e-3)
     with pytest.raises(ValueError, match="decay_horizon"):
-        StreamlineTraining(decay_horizon=0.5)
+        StreamlineTraining(part="layer", decay_horizon=0.5)
 
 
 # ---------------------------------------------------------------------------------------------------- refusals

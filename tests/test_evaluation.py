@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from gradmap.data import HeldoutText
-from gradmap.evaluation import evaluate, headline, materialize_local_task, perplexity, retained, run_lm_eval
+from gradmap.evaluation import Evaluation, evaluate, headline, perplexity, retained, run_lm_eval
+from gradmap.lm_tasks import materialize_local_task
 from gradmap.models import ByteTokenizer, tiny_random_llama
 
 VOCAB = 64
@@ -130,11 +130,13 @@ def test_evaluate_runs_lm_eval_offline_on_a_local_task(tmp_path, monkeypatch):
     net = tiny_random_llama(vocab_size=len(tokenizer), num_layers=2)
     before = {k: v.clone() for k, v in net.state_dict().items()}
 
-    cfg = OmegaConf.create({
-        "perplexity": {"seq_lens": [8], "batch_size": 4, "max_windows": 2},
-        "lm_eval": {"tasks": ["social_iqa_bigbench"], "limit": None, "batch_size": 4, "num_fewshot": 0,
-                    "local_tasks": {"social_iqa_bigbench": {"template": "social_iqa_bigbench.yaml",
-                                                            "data": str(data)}}}})
+    cfg = Evaluation(
+        heldout={"max_tokens": None, "texts": {}},
+        perplexity={"seq_lens": [8], "batch_size": 4, "max_windows": 2},
+        lm_eval={"tasks": ["social_iqa_bigbench"], "limit": None, "batch_size": 4, "num_fewshot": 0, "seed": 0,
+                 "local_tasks": {"social_iqa_bigbench": {"template": "social_iqa_bigbench.yaml", "data": str(data),
+                                                         "asset": None, "file": None}}},
+        cache_dense=False)
     heldout = HeldoutText("qa_test", "jsonl", "test",
                           torch.tensor(tokenizer("\n".join(r["question"] for r in rows))["input_ids"]))
     out = evaluate(net, tokenizer, cfg, [heldout])
@@ -154,8 +156,11 @@ def test_evaluate_runs_lm_eval_offline_on_a_local_task(tmp_path, monkeypatch):
 
 
 def test_evaluate_skips_lm_eval_without_tasks(model):
-    cfg = OmegaConf.create({"perplexity": {"seq_lens": [SEQ], "batch_size": 4, "max_windows": None},
-                            "lm_eval": {"tasks": [], "local_tasks": {}}})
+    cfg = Evaluation(heldout={"max_tokens": None, "texts": {}},
+                     perplexity={"seq_lens": [SEQ], "batch_size": 4, "max_windows": None},
+                     lm_eval={"tasks": [], "limit": None, "batch_size": 4, "num_fewshot": 0, "local_tasks": {},
+                              "seed": 0},
+                     cache_dense=False)
     out = evaluate(model, ByteTokenizer(VOCAB), cfg, [HeldoutText("t", "jsonl", "validation", _tokens(2 * SEQ))])
     assert out["lm_eval"] == {} and out["perplexity"]["t"]["seq_lens"][str(SEQ)]["windows"] == 2
     with pytest.raises(ValueError, match="no held-out text"):

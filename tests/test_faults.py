@@ -19,7 +19,7 @@ import torch
 
 from gradmap import surgery
 from gradmap.cache import selection_key
-from gradmap.runner import run
+from gradmap.jobs import run
 from gradmap.validation import ConfigError
 from tests.test_bad_inputs import cli_args, run_cli
 from tests.test_runner import CHOICES, make_cfg
@@ -171,16 +171,16 @@ def test_cache_files_are_group_readable(tmp_path):
 # ---------------------------------------------------------------------------------------------------- saving
 
 def test_failed_save_leaves_no_folder_behind(tmp_path, monkeypatch):
-    import gradmap.models
+    import gradmap.checkpoint
 
-    real = gradmap.models.save_plain_checkpoint
+    real = gradmap.checkpoint.save_plain_checkpoint
 
     def half_then_fail(model, tokenizer, out_dir):
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "config.json").write_text("{}")  # config written, then the disk fills up
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(gradmap.models, "save_plain_checkpoint", half_then_fail)
+    monkeypatch.setattr(gradmap.checkpoint, "save_plain_checkpoint", half_then_fail)
     target = tmp_path / "saved" / "model"
     with pytest.raises(ConfigError, match="save_dir=.*No space left on device.*nothing was left"):
         run(make_cfg(tmp_path, "num_prune=1", f"save_dir={target}"), tmp_path / "job", CHOICES)
@@ -191,20 +191,20 @@ def test_failed_save_leaves_no_folder_behind(tmp_path, monkeypatch):
     assert rec["results"]["pruned"]  # the evaluation before the save is kept
 
     # An existing checkpoint is replaced only with save_overwrite=true, and a failure leaves it untouched.
-    monkeypatch.setattr(gradmap.models, "save_plain_checkpoint", real)
+    monkeypatch.setattr(gradmap.checkpoint, "save_plain_checkpoint", real)
     first = run(make_cfg(tmp_path, "num_prune=1", f"save_dir={target}"), tmp_path / "job1", CHOICES)
     assert Path(first["saved_to"]) == target and (target / "pruning_info.json").is_file()
     with pytest.raises(ConfigError, match="non-empty folder"):
         run(make_cfg(tmp_path, "num_prune=2", f"save_dir={target}"), tmp_path / "job2", CHOICES)
     before = sorted(p.name for p in target.iterdir())
-    monkeypatch.setattr(gradmap.models, "save_plain_checkpoint", half_then_fail)
+    monkeypatch.setattr(gradmap.checkpoint, "save_plain_checkpoint", half_then_fail)
     with pytest.raises(ConfigError, match="save_dir"):
         run(make_cfg(tmp_path, "num_prune=2", f"save_dir={target}", "save_overwrite=true"), tmp_path / "job3",
             CHOICES)
     assert sorted(p.name for p in target.iterdir()) == before
     assert json.loads((target / "pruning_info.json").read_text())["removed_layers"] == first["removed_layers"]
     assert sorted(p.name for p in target.parent.iterdir()) == ["model"]
-    monkeypatch.setattr(gradmap.models, "save_plain_checkpoint", real)
+    monkeypatch.setattr(gradmap.checkpoint, "save_plain_checkpoint", real)
     second = run(make_cfg(tmp_path, "num_prune=2", f"save_dir={target}", "save_overwrite=true"), tmp_path / "job4",
                  CHOICES)
     assert json.loads((target / "pruning_info.json").read_text())["removed_layers"] == second["removed_layers"]
@@ -438,4 +438,4 @@ def test_a_finished_job_is_skipped_whatever_the_run_only_keys(tmp_path):
     assert len(again["reruns_skipped"]) == 1 and again["removed_layers"] == first["removed_layers"]
     assert [a["status"] for a in again["attempts"]] == ["done", "skipped"]
     changed = run(make_cfg(tmp_path, "num_prune=2"), out, CHOICES)  # another computation: rerun
-    assert "reruns_skipped" not in changed and len(changed["removed_layers"]) == 2
+    assert not changed["reruns_skipped"] and len(changed["removed_layers"]) == 2

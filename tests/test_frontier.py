@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 import run  # noqa: F401  (registers the `split` resolver)
 from experiments.frontier import affordable, build_frontier, cost_caps, main, pareto_front, ppl_columns
-from experiments.report import load_records
+from experiments.records import load_records
 from gradmap.metric import LayerMetric
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from gradmap import surgery
 from gradmap.cache import SelectionCache
 from gradmap.gradmap_metric import GradMAPMetric
 from gradmap.gradmap_verify import GradMAPVerify
-from gradmap.metric import Calibration, Cost, Selection, count_forward_tokens
+from gradmap.metric import Calibration, Cost, Reuse, Selection, count_forward_tokens
 from gradmap.models import tiny_random_llama
 from tests.model_state import assert_unchanged, snapshot
 
@@ -209,23 +209,23 @@ def test_selection_round_trips_and_old_entries_load():
 def test_prefix_reuse_resumes_and_truncates(tmp_path):
     model, calib = make_model(), make_calib()
     metric = GradMAPVerify(candidates=2)
-    assert metric.reuse == "prefix"
+    assert metric.reuse is Reuse.GREEDY
     full = metric.select(model, calib, PRUNE, Cost())
     cache = SelectionCache(tmp_path)
     cache.store("k", 1, metric.select(model, calib, 1, Cost()), {})
-    cached, complete = cache.lookup("k", metric, PRUNE)
-    assert not complete and cached.removed == full.removed[:1]
+    cached = cache.reusable("k", PRUNE, metric.reuse, metric.iterative)
+    assert cached.removed == full.removed[:1]  # shorter: continued from there
     resumed, cost = counted_select(metric, model, calib, PRUNE, resume=cached)
     assert resumed.removed == full.removed
     assert cost.backward_tokens == 2 * calib.num_tokens  # only the two new decisions were screened
     cache.store("k", PRUNE, resumed, {})
-    shorter, complete = cache.lookup("k", metric, 2)
-    assert complete and shorter.removed == full.removed[:2]
+    shorter = cache.reusable("k", 2, metric.reuse, metric.iterative)
+    assert shorter.removed == full.removed[:2] and len(shorter.decisions) == 2  # the first 2 of the longer one
 
 
 def test_runner_records_the_cost_split(tmp_path):
     from tests.test_runner import CHOICES, make_cfg
-    from gradmap.runner import run
+    from gradmap.jobs import run
 
     out = tmp_path / "job"
     rec = run(make_cfg(tmp_path, "metric=gradmap_verify", "metric.candidates=2", "compensation=none"), out,

@@ -17,12 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from omegaconf import OmegaConf
-
-    from gradmap.models import load_model
+    from gradmap.models import OfflineModel
 
     torch.set_num_threads(2)
-    model, tok = load_model(OmegaConf.create({"source": "offline", "asset": "smollm2_135m", "dtype": "float32"}))
+    model, tok = OfflineModel(asset="smollm2_135m", dtype="float32", device_map=None).load()
     yield model, tok
     torch.set_num_threads(1)
 
@@ -31,13 +29,14 @@ def test_pruned_smollm2_saves_and_reloads_with_plain_transformers(smollm2, tmp_p
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gradmap import surgery
+    from gradmap.checkpoint import save_pruned
 
     model, tok = smollm2
     removed = surgery.remove_layers(model, [12, 20, 25])
     try:
         prompt = tok("The history of the city begins", return_tensors="pt")
         expected = model.generate(**prompt, max_new_tokens=12, do_sample=False)
-        surgery.save_pruned(model, tok, tmp_path / "pruned", {"removed_layers": [12, 20, 25]})
+        save_pruned(model, tok, tmp_path / "pruned", {"removed_layers": [12, 20, 25]})
     finally:
         surgery.restore_layers(model, removed)
     assert not (tmp_path / "pruned" / "config.json").read_text().count("quantization_config")

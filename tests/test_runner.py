@@ -10,8 +10,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from gradmap.cache import selection_key
-from gradmap.runner import dense_cache_key, num_to_prune, run
+from gradmap.cache import dense_cache_key, selection_key
+from gradmap.jobs import run
+from gradmap.validation import num_to_prune
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "tests" / "data" / "tiny_text.jsonl"
@@ -100,7 +101,7 @@ def test_second_run_is_skipped_and_sweep_reuses_selection(tmp_path):
     assert smaller["original_scoring"]["backward_tokens"] == first["calibration"]["tokens"]
     # force=true reruns a finished job.
     forced = run(make_cfg(tmp_path, ITERATIVE, "num_prune=1", "force=true"), out, CHOICES)
-    assert "reruns_skipped" not in forced
+    assert not forced["reruns_skipped"]
 
 
 def test_failed_job_leaves_failed_record(tmp_path):
@@ -145,7 +146,7 @@ def test_incompatible_pairing_is_refused_before_scoring(tmp_path):
         run(cfg, tmp_path / "job", CHOICES)
     rec = json.loads((tmp_path / "job" / "record.json").read_text())
     # Refused at validation, on the model's architecture: nothing was loaded, let alone scored.
-    assert rec["status"] == "failed" and "timings" not in rec
+    assert rec["status"] == "failed" and rec["timings"] is None
     assert rec["error"]["key"] == "compensation" and "refuses" in rec["error"]["message"]
 
 
@@ -160,13 +161,13 @@ def test_peak_rss_sees_a_short_lived_allocation():
     """The stage peak must include memory that was freed before the stage ended (the kernel's high-water mark)."""
     import torch
 
-    from gradmap.record import _PeakRSS, _rss_bytes
+    from gradmap.memory import PeakRSS, rss_bytes
 
     size = 64 * 2**20
-    base = _rss_bytes()
-    with _PeakRSS() as outer:
+    base = rss_bytes()
+    with PeakRSS() as outer:
         torch.ones(size // 4).add_(1)  # 64 MiB, touched, freed at once
-        with _PeakRSS() as inner:  # a nested block must not reset the outer one's mark
+        with PeakRSS() as inner:  # a nested block must not reset the outer one's mark
             pass
     if not outer.exact:
         pytest.skip("this kernel does not let a process reset its resident high-water mark")

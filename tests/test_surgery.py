@@ -17,6 +17,7 @@ from transformers import (AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextCon
                           Qwen2ForCausalLM)
 
 from gradmap import surgery
+from gradmap.checkpoint import save_pruned
 from gradmap.models import ByteTokenizer, tiny_random_llama
 
 VOCAB = 128
@@ -319,7 +320,8 @@ def test_dense_view_after_two_removals_and_with_nothing_removed():
     first = surgery.remove_layers(model, [0, 5])   # original 0, 5
     second = surgery.remove_layers(model, [1])     # current 1 = original 2
     # Removed layers keyed by original position, as compensation receives them.
-    removed = {0: first[0], 5: first[5], 2: second[1]}
+    removed = first.then(second)
+    assert dict(removed) == {0: first[0], 2: second[1], 5: first[5]}
     pruned = logits(model, inputs())
     with surgery.dense_view(model, removed):
         assert model.config.layer_types == GEMMA3_TYPES
@@ -362,7 +364,7 @@ def test_save_pruned_reloads_with_plain_from_pretrained(arch, tmp_path):
     n = surgery.num_layers(model)
     surgery.remove_layers(model, drop)
     info = {"removed": drop, "metric": "gradmap", "compensation": {"sites": []}}
-    out = surgery.save_pruned(model, ByteTokenizer(VOCAB), tmp_path / "pruned", info)
+    out = save_pruned(model, ByteTokenizer(VOCAB), tmp_path / "pruned", info)
 
     assert out == tmp_path / "pruned"
     assert json.loads((out / "pruning_info.json").read_text()) == info

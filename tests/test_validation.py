@@ -10,8 +10,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from gradmap.cache import CacheEntryError, check_selection_entry
-from gradmap.validation import (ConfigError, brief, check_component, check_save_dir, check_value, lm_eval_task_known,
-                                num_to_prune, validate)
+from gradmap.evaluation import Evaluation
+from gradmap.validation import (GROUP_CLASSES, ConfigError, brief, build_group, check_component, check_save_dir,
+                                check_value, lm_eval_task_known, num_to_prune, validate)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -64,28 +65,39 @@ def test_every_shipped_metric_and_compensation_matches_its_class(group):
         assert check_component(group, node) is not None, path.name
 
 
-def test_every_model_calibration_and_eval_option_passes_the_schema_checks(tmp_path):
-    """Each shipped option composes into a config whose plain keys pass validation (assets aside)."""
+def test_every_model_calibration_eval_and_logger_option_builds_its_config_class(tmp_path):
+    """Each shipped option composes into a config whose plain groups build their `_target_` config class through the
+    schema checks (assets aside)."""
     text = Path(__file__).parent / "data" / "tiny_text.jsonl"
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         base = ["model=tiny_random", "calibration=tiny", "eval=tiny", "logger=none", f"calibration.path={text}",
                 f"eval.heldout.texts.tiny.path={text}", f"cache_dir={tmp_path}"]
         assert validate(compose("config", overrides=base), build=False).num_prune == 2
-        from gradmap.validation import (check_calibration, check_eval, check_logger, check_model, check_node,
-                                        CalibrationSchema, EvalSchema)
-        for path in sorted((CONF / "model").glob("*.yaml")):
-            check_model(OmegaConf.to_container(OmegaConf.load(path)))
-        for path in sorted((CONF / "logger").glob("*.yaml")):
-            check_logger(OmegaConf.to_container(OmegaConf.load(path)))
+        for group in ("model", "logger"):
+            for path in sorted((CONF / group).glob("*.yaml")):
+                assert isinstance(build_group(group, OmegaConf.to_container(OmegaConf.load(path))),
+                                  GROUP_CLASSES[group]), path.name
         for option in ("hub", "wiki_offline", "tiny"):
             path = [f"calibration.path={text}"] if option == "tiny" else []
             cfg = compose("config", overrides=[f"calibration={option}", *path])
-            check_node("calibration", OmegaConf.to_container(cfg.calibration, resolve=True), CalibrationSchema)
+            assert isinstance(build_group("calibration", OmegaConf.to_container(cfg.calibration, resolve=True)),
+                              GROUP_CLASSES["calibration"]), option
         for option in ("offline", "validation", "zeroshot7", "tiny"):
             path = [f"eval.heldout.texts.tiny.path={text}"] if option == "tiny" else []
             cfg = compose("config", overrides=[f"eval={option}", *path])
-            check_node("eval", OmegaConf.to_container(cfg.eval, resolve=True), EvalSchema)
-        assert check_calibration and check_eval  # the asset-reading parts run in the battery
+            assert isinstance(build_group("eval", OmegaConf.to_container(cfg.eval, resolve=True)), Evaluation)
+
+
+def test_a_group_builds_only_its_own_classes():
+    with pytest.raises(ConfigError, match=r"^calibration._target_='gradmap.models.HubModel': not a calibration class"):
+        build_group("calibration", {"_target_": "gradmap.models.HubModel", "pretrained": "x", "dtype": "float32",
+                                    "device_map": None, "attn_implementation": None})
+    with pytest.raises(ConfigError, match=r"^model.dtype: missing"):
+        build_group("model", {"_target_": "gradmap.models.OfflineModel", "asset": "smollm2_135m", "device_map": None})
+    with pytest.raises(ConfigError, match=r"^model.config.num_layers=1: out of range"):
+        build_group("model", {"_target_": "gradmap.models.TinyRandomModel", "dtype": "float32", "device_map": None,
+                              "config": {"num_layers": 1, "hidden_size": 8, "intermediate_size": 8, "vocab_size": 8,
+                                         "max_position_embeddings": 8, "seed": 0, "rope_theta": 1.0}})
 
 
 def test_lm_eval_task_names():
