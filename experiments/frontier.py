@@ -41,7 +41,8 @@ import numpy as np
 import pandas as pd
 
 from experiments.records import (LABEL_IGNORE, NoRecordsError, ReportedRun, choice, label_variants, load_records,
-                                 num, protocol, pruning_seconds, pruning_tokens, ratio_of, result_columns)
+                                 num, print_written, protocol, pruning_seconds, pruning_tokens, ratio_of,
+                                 result_columns)
 from experiments.report_plots import pyplot
 
 GROUP = ["model", "prune_ratio", "metric", "compensation", "budget_tokens", "calib_samples", "calib_seq_len"]
@@ -433,10 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     except (NoRecordsError, FrontierError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(summary)
-    for note in notes:
-        print(f"note: {note}")
-    print("wrote:\n" + "\n".join(f"  {f}" for f in files))
+    print_written(summary, notes, files)
     return 0
 
 

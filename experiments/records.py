@@ -216,3 +216,11 @@ def protocol(records: list[RunRecord]) -> str:
             f"{t} ({', '.join('all' if n is None else f'{n} questions' for n in sorted(limits, key=str))})"
             for t, limits in sorted(tasks.items())))
     return "\n".join(f"- {line}" for line in lines)
+
+
+def print_written(text: str, notes: list[str], files: list[Path]) -> None:
+    """What a report command prints when it is done: its table or summary, one line per note, the files written."""
+    print(text)
+    for note in notes:
+        print(f"note: {note}")
+    print("wrote:\n" + "\n".join(f"  {f}" for f in files))

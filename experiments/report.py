@@ -34,7 +34,7 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.records import (NoRecordsError, ReportedRun, load_records, mean, num, protocol,
+from experiments.records import (NoRecordsError, ReportedRun, load_records, mean, num, print_written, protocol,
                                  pruning_seconds, pruning_tokens, result_columns, row_key)
 from experiments.report_plots import DENSE, plot_importance, plot_ppl_vs_ratio, plot_pruning_time
 
@@ -244,10 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     except NoRecordsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(markdown)
-    for note in notes:
-        print(f"note: {note}")
-    print("wrote:\n" + "\n".join(f"  {f}" for f in files))
+    print_written(markdown, notes, files)
     return 0
 
 

@@ -106,18 +106,12 @@ def upgrade_config_v0(config: dict[str, Any]) -> dict[str, Any]:
     `seed`, a local task's `asset` and `file`). So a finished old job compares equal to the same job today (and is
     not rerun), and reports label old and new runs alike."""
     out = copy.deepcopy(config)
-    model = out.get("model")
-    if isinstance(model, dict) and "_target_" not in model and model.get("source") in MODEL_TARGETS:
-        target = MODEL_TARGETS[model.pop("source")]
-        out["model"] = {"_target_": target, **model}
-        if target.endswith("HubModel"):
-            out["model"].setdefault("attn_implementation", None)
-    calib = out.get("calibration")
-    if isinstance(calib, dict) and "_target_" not in calib and calib.get("source") in CALIBRATION_TARGETS:
-        target = CALIBRATION_TARGETS[calib.pop("source")]
-        out["calibration"] = {"_target_": target, **calib}
-        if target.endswith("WikiCalibration"):
-            out["calibration"].setdefault("path", None)
+    target = _retarget(out, "model", "source", MODEL_TARGETS)
+    if target is not None and target.endswith("HubModel"):
+        out["model"].setdefault("attn_implementation", None)
+    target = _retarget(out, "calibration", "source", CALIBRATION_TARGETS)
+    if target is not None and target.endswith("WikiCalibration"):
+        out["calibration"].setdefault("path", None)
     ev = out.get("eval")
     if isinstance(ev, dict) and "_target_" not in ev and "heldout" in ev:
         out["eval"] = {"_target_": EVAL_TARGET, **ev}
@@ -128,10 +122,19 @@ def upgrade_config_v0(config: dict[str, Any]) -> dict[str, Any]:
                 if isinstance(spec, dict):
                     spec.setdefault("asset", str(name).removesuffix("_bigbench"))
                     spec.setdefault("file", "test.jsonl")
-    log = out.get("logger")
-    if isinstance(log, dict) and "_target_" not in log and log.get("kind") in LOGGER_TARGETS:
-        out["logger"] = {"_target_": LOGGER_TARGETS[log.pop("kind")], **log}
+    _retarget(out, "logger", "kind", LOGGER_TARGETS)
     return out
+
+
+def _retarget(config: dict[str, Any], group: str, dispatch_key: str, targets: dict[str, str]) -> str | None:
+    """Replace a version-0 group's dispatch string (`source` / `kind`) with the `_target_` class it meant, in place;
+    returns that class, or None when the group needs no upgrade."""
+    node = config.get(group)
+    if not isinstance(node, dict) or "_target_" in node or node.get(dispatch_key) not in targets:
+        return None
+    target = targets[node.pop(dispatch_key)]
+    config[group] = {"_target_": target, **node}
+    return target
 
 
 def upgrade_v0(raw: dict[str, Any]) -> dict[str, Any]:
