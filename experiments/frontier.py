@@ -35,7 +35,7 @@ import shlex
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -205,38 +205,41 @@ def affordable(table: pd.DataFrame, col: str, cost: str = "tokens") -> list[dict
     return out
 
 
+def affordable_groups(table: pd.DataFrame, ppl: list[str], cost: str) -> Iterator[tuple[str, str, float,
+                                                                                    pd.DataFrame]]:
+    """(text column, model, ratio, its best-affordable rows) for every text and (model, ratio) that has any: what both
+    the plain-text and the Markdown summary render."""
+    for col in ppl:
+        rows = affordable(table, col, cost)
+        if rows:
+            for (model, ratio), mine in pd.DataFrame(rows).groupby(["model", "prune_ratio"]):
+                yield col, model, ratio, mine
+
+
 def summary_lines(table: pd.DataFrame, ppl: list[str], cost: str) -> list[str]:
     """Plain-text summary: per text (and model, ratio), the best method affordable at each cost cap."""
     cost_col, lines = COSTS[cost], []
-    for col in ppl:
-        rows = affordable(table, col, cost)
-        if not rows:
-            continue
-        for (model, ratio), mine in pd.DataFrame(rows).groupby(["model", "prune_ratio"]):
-            lines.append(f"{col} ({model}, ratio {ratio:g}): best method with pruning cost <= cap "
-                         "(caps where it changes)")
-            for _, r in mine.iterrows():
-                cap = "0 (free)" if r["cap"] == 0 else _fmt_cost(r["cap"], cost_col)
-                lines.append(f"  <= {cap}: {r['method']}: {_fmt_ppl(r['mean'], r['sd'])} "
-                             f"(seeds {r['seeds']}, cost {_fmt_cost(r['cost'], cost_col)})")
+    for col, model, ratio, mine in affordable_groups(table, ppl, cost):
+        lines.append(f"{col} ({model}, ratio {ratio:g}): best method with pruning cost <= cap "
+                     "(caps where it changes)")
+        for _, r in mine.iterrows():
+            cap = "0 (free)" if r["cap"] == 0 else _fmt_cost(r["cap"], cost_col)
+            lines.append(f"  <= {cap}: {r['method']}: {_fmt_ppl(r['mean'], r['sd'])} "
+                         f"(seeds {r['seeds']}, cost {_fmt_cost(r['cost'], cost_col)})")
     return lines
 
 
 def affordable_markdown(table: pd.DataFrame, ppl: list[str], cost: str) -> str:
     cost_col, parts = COSTS[cost], []
     unit = "tokens" if cost == "tokens" else "s"
-    for col in ppl:
-        rows = affordable(table, col, cost)
-        if not rows:
-            continue
-        for (model, ratio), mine in pd.DataFrame(rows).groupby(["model", "prune_ratio"]):
-            parts.append(f"### `{col}` ({model}, ratio {ratio:g})\n\n"
-                         f"| pruning cost ≤ ({unit}) | best method | test perplexity (mean ± sd) | seeds "
-                         "| its cost |\n"
-                         "| ---: | --- | ---: | ---: | ---: |\n"
-                         + "".join(f"| {'0' if r['cap'] == 0 else _fmt_cost(r['cap'], cost_col).split()[0]} "
-                                   f"| {r['method']} | {_fmt_ppl(r['mean'], r['sd'])} | {r['seeds']} "
-                                   f"| {_fmt_cost(r['cost'], cost_col)} |\n" for _, r in mine.iterrows()))
+    for col, model, ratio, mine in affordable_groups(table, ppl, cost):
+        parts.append(f"### `{col}` ({model}, ratio {ratio:g})\n\n"
+                     f"| pruning cost ≤ ({unit}) | best method | test perplexity (mean ± sd) | seeds "
+                     "| its cost |\n"
+                     "| ---: | --- | ---: | ---: | ---: |\n"
+                     + "".join(f"| {'0' if r['cap'] == 0 else _fmt_cost(r['cap'], cost_col).split()[0]} "
+                               f"| {r['method']} | {_fmt_ppl(r['mean'], r['sd'])} | {r['seeds']} "
+                               f"| {_fmt_cost(r['cost'], cost_col)} |\n" for _, r in mine.iterrows()))
     return "\n".join(parts)
 
 
