@@ -60,10 +60,15 @@ def interleaved_key(cfg: DictConfig) -> str:
 
 
 def dense_cache_key(cfg: DictConfig) -> str:
-    """Dense results depend only on the model and the evaluation settings (and the seed used by lm-eval)."""
-    return stable_hash({"model": OmegaConf.to_container(cfg.model, resolve=True),
-                        "eval": OmegaConf.to_container(cfg.eval, resolve=True),
-                        "dtype": cfg.get("dtype"), "seed": cfg.seed, "v": 2})
+    """Dense results depend only on the model and the evaluation settings, and on the seed only through lm-eval:
+    perplexity is deterministic, so a perplexity-only evaluation serves every calibration seed of a sweep."""
+    evaluation = OmegaConf.to_container(cfg.eval, resolve=True)
+    lm_eval = evaluation.get("lm_eval") or {}
+    seeded = bool(lm_eval.get("tasks"))
+    if not seeded:
+        lm_eval.pop("seed", None)
+    return stable_hash({"model": OmegaConf.to_container(cfg.model, resolve=True), "eval": evaluation,
+                        "dtype": cfg.get("dtype"), "seed": cfg.seed if seeded else None, "v": 2})
 
 
 def cache_root_of(cfg: DictConfig) -> Path:

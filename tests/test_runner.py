@@ -125,6 +125,10 @@ def test_cache_keys_track_relevant_config_only(tmp_path):
     assert dense_cache_key(make_cfg(tmp_path, "prune_ratio=0.5")) == dkey
     assert dense_cache_key(make_cfg(tmp_path, "eval.perplexity.seq_lens=[8]")) != dkey
     assert dense_cache_key(make_cfg(tmp_path, "model.config.seed=3")) != dkey
+    # The seed matters only when lm-eval runs (eval=tiny is perplexity only): one dense evaluation per sweep.
+    assert dense_cache_key(make_cfg(tmp_path, "seed=1")) == dkey
+    with_tasks = dense_cache_key(make_cfg(tmp_path, "eval.lm_eval.tasks=[social_iqa_bigbench]"))
+    assert dense_cache_key(make_cfg(tmp_path, "eval.lm_eval.tasks=[social_iqa_bigbench]", "seed=1")) != with_tasks
 
 
 def test_corrupt_selection_cache_is_recomputed(tmp_path):
