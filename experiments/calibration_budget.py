@@ -19,7 +19,6 @@ forwards per decision, so by default they run at the smallest budget only).
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 import time
 from pathlib import Path
@@ -35,11 +34,12 @@ from gradmap.metric import Cost, Selection, count_forward_tokens
 from gradmap.models import load_model
 from gradmap.runner import seed_everything
 from gradmap.validation import num_to_prune
+from experiments.stability import stability
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-DEFAULT_METRICS = ["bi", "taylor", "streamline", "angular", "gradmap", "gradmap-oneshot=gradmap,metric.iterative=false",
-                   "ppl", "sleb"]
-DEFAULT_LIMITS = ["gradmap=32", "ppl=8", "sleb=8"]  # iterative methods: what fits in minutes on 2 cores
+DEFAULT_METRICS = ["bi", "taylor", "streamline", "angular", "gradmap",
+                   "gradmap-iterative=gradmap,metric.iterative=true", "ppl", "sleb"]
+DEFAULT_LIMITS = ["gradmap-iterative=32", "ppl=8", "sleb=8"]  # iterative methods: what fits in minutes on 2 cores
 
 
 def parse_metric(spec: str) -> tuple[str, list[str]]:
@@ -48,17 +48,6 @@ def parse_metric(spec: str) -> tuple[str, list[str]]:
         return label, [f"metric={label}"]
     choice, *overrides = rest.split(",")
     return label, [f"metric={choice}", *overrides]
-
-
-def jaccard(a: set[int], b: set[int]) -> float:
-    return len(a & b) / len(a | b) if a | b else 1.0
-
-
-def stability(removed_sets: list[set[int]]) -> dict[str, Any]:
-    pairs = list(itertools.combinations(removed_sets, 2))
-    return {"mean_jaccard": sum(jaccard(a, b) for a, b in pairs) / len(pairs) if pairs else float("nan"),
-            "distinct_sets": len({frozenset(s) for s in removed_sets}),
-            "removed_by_every_seed": sorted(set.intersection(*removed_sets)) if removed_sets else []}
 
 
 def selection_for(overrides: list[str], model, tokenizer, cache: SelectionCache) -> tuple[list[int], float, bool]:

@@ -3,12 +3,14 @@ whose second run reads every selection from the cache."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from experiments.calibration_budget import jaccard, main, parse_metric, stability
+from experiments.calibration_budget import main, parse_metric
+from experiments.stability import jaccard, mean_jaccard, stability
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "tests" / "data" / "tiny_text.jsonl"
@@ -21,6 +23,7 @@ def test_stability_numbers():
     mixed = stability([{1, 2}, {1, 3}, {1, 2}])
     assert mixed["mean_jaccard"] == pytest.approx((1 / 3 + 1.0 + 1 / 3) / 3)
     assert mixed["distinct_sets"] == 2 and mixed["removed_by_every_seed"] == [1]
+    assert jaccard(set(), set()) == 1.0 and math.isnan(mean_jaccard([{1, 2}]))  # one seed: no pair, no number
 
 
 def test_parse_metric():

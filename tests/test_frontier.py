@@ -51,7 +51,7 @@ def test_pareto_front_takes_any_iterable_and_is_pure():
 
 def write_record(root: Path, folder: str, metric: str, compensation: str, samples: int, seed: int,
                  wiki: float, news: float, scoring_tokens: tuple[int, int], comp_tokens: int, seconds: float,
-                 metric_cfg: dict | None = None, status: str = "done") -> None:
+                 metric_cfg: dict | None = None, status: str = "done", removed: list[int] | None = None) -> None:
     """A record.json as gradmap.runner writes it (calibration.seed interpolates the seed, as in the real config),
     reduced to what the reports read."""
     rec = {
@@ -63,7 +63,7 @@ def write_record(root: Path, folder: str, metric: str, compensation: str, sample
                    "compensation": {"_target_": f"y.{compensation}"},
                    "calibration": {"source": "offline_wiki", "num_samples": samples, "seq_len": 128,
                                    "batch_size": 8, "seed": seed}},
-        "num_layers": 30, "num_prune": 8, "prune_ratio": 0.25, "removed_layers": list(range(8)),
+        "num_layers": 30, "num_prune": 8, "prune_ratio": 0.25, "removed_layers": list(range(8)) if removed is None else removed,
         "original_scoring": {"seconds": seconds - 1, "forward_tokens": scoring_tokens[0],
                              "backward_tokens": scoring_tokens[1]},
         "pruning_seconds_original": seconds,
@@ -84,9 +84,10 @@ def sweep(tmp_path: Path) -> Path:
     root = tmp_path / "multirun" / "frontier" / "smollm2_135m"
     one_shot, iterative = {"iterative": False}, {"iterative": True}
     # gradmap one-shot at 8 x 128 (1,024 tokens): 3 seeds, wiki 60/70/80 (mean 70, sd 10), news 90/100/110.
+    # Removed sets {0..7}, {0..7}, {1..8}: pairwise Jaccard 1, 7/9, 7/9.
     for seed, (wiki, news) in enumerate([(60.0, 90.0), (70.0, 100.0), (80.0, 110.0)]):
         write_record(root, f"os8_{seed}", "gradmap", "none", 8, seed, wiki, news, (1024, 1024), 0, 4.0 + seed,
-                     one_shot)
+                     one_shot, removed=list(range(8)) if seed < 2 else list(range(1, 9)))
     # gradmap one-shot at 32 x 128: 2 seeds, wiki 50/54 (mean 52, sd 2*sqrt(2)); cost 8,192 scoring tokens.
     for seed, wiki in enumerate([50.0, 54.0]):
         write_record(root, f"os32_{seed}", "gradmap", "none", 32, seed, wiki, 80.0, (4096, 4096), 0, 10.0,
@@ -131,13 +132,14 @@ def test_table_means_sds_costs_and_budget(sweep):
     assert os8[NEWS] == pytest.approx(100.0) and os8[f"{NEWS} sd"] == pytest.approx(10.0)
     assert os8["pruning_tokens"] == 2048
     assert os8["pruning_seconds"] == pytest.approx(5.0)  # mean of 4, 5, 6 (pruning_seconds_original)
+    assert os8["removed_jaccard"] == pytest.approx((1 + 7 / 9 + 7 / 9) / 3)  # how alike the seeds' removed sets are
     os32 = frow(table, "gradmap [iterative=false]", "none", 4096)
     assert os32["seeds"] == 2 and os32[WIKI] == pytest.approx(52.0)
     assert os32[f"{WIKI} sd"] == pytest.approx(2 * math.sqrt(2))
     assert os32["pruning_tokens"] == 8192
     assert frow(table, "gradmap [iterative=false]", "projection", 1024)["pruning_tokens"] == 1024 + 1024 + 6144
     sleb = frow(table, "sleb", "none", 1024)
-    assert sleb["seeds"] == 1 and math.isnan(sleb[f"{WIKI} sd"])
+    assert sleb["seeds"] == 1 and math.isnan(sleb[f"{WIKI} sd"]) and math.isnan(sleb["removed_jaccard"])
     # Pareto on wiki with tokens (cost, ppl): random (0, 5000), bi (1,024, 75), one-shot @ 8 (2,048, 70), one-shot +
     # projection @ 8 (8,192, 52) and one-shot @ 32 (8,192, 52: identical, both stay), sleb (217,088, 40).
     # Dominated: iterative (16,384, 90).
