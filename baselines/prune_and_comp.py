@@ -277,7 +277,7 @@ class PruneAndComp(Compensation):
             if step < len(replay):
                 decision = replay[step]  # scored earlier on this same pruned and compensated model
             else:
-                decision = self._decide(model, metric, calib, cost, step, kept, original_count)
+                decision = metric.decide(model, calib, cost, step, kept, original_count, 1)
                 if on_decision is not None:
                     on_decision(decision)
             (orig,) = decision.removed
@@ -305,24 +305,3 @@ class PruneAndComp(Compensation):
             "compensation_seconds": sum(site["seconds"] for site in sites),
             "final_rel_error_after": final_rel_error(model, calib, dense_final),
         }
-
-    @staticmethod
-    def _decide(model: nn.Module, metric: LayerMetric, calib: Calibration, cost: Cost, step: int,
-                kept: list[int], original_count: int) -> Decision:
-        """One decision of `metric` on the model as it is (already pruned and compensated), in original indices;
-        `metric.lowest` applies its protect_first/protect_last to original indices, as `LayerMetric.select` does."""
-        t0 = time.perf_counter()
-        before = Cost(**cost.as_dict())
-        scores = metric.score(model, calib, cost).detach().double().cpu()
-        score_seconds = time.perf_counter() - t0
-        if scores.shape != (len(kept),) or not torch.isfinite(scores).all():
-            raise RuntimeError(f"{type(metric).__name__}.score returned {tuple(scores.shape)} scores "
-                               f"(finite: {bool(torch.isfinite(scores).all())}); expected {len(kept)} finite")
-        full: list[float | None] = [None] * original_count
-        for pos, orig in enumerate(kept):
-            full[orig] = float(scores[pos])
-        take = metric.lowest(full, 1)
-        return Decision(step=step, scores=full, removed=take, seconds=time.perf_counter() - t0,
-                        score_seconds=score_seconds,
-                        forward_tokens=cost.forward_tokens - before.forward_tokens,
-                        backward_tokens=cost.backward_tokens - before.backward_tokens)

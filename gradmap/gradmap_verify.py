@@ -103,13 +103,7 @@ class GradMAPVerify(GradMAPMetric):
             verified: list[int] = []
             with surgery.layers_removed(model, sorted(removed)):
                 if self.candidates == 1 or len(prunable) > self.candidates:  # screen
-                    scores = self.score(model, calib, cost).detach().double().cpu()
-                    if scores.shape != (len(kept),) or not torch.isfinite(scores).all():
-                        raise RuntimeError(f"GradMAP screening returned {tuple(scores.shape)} scores (finite: "
-                                           f"{bool(torch.isfinite(scores).all())}); expected {len(kept)} finite")
-                    gradient = [None] * original_count
-                    for pos, orig in enumerate(kept):
-                        gradient[orig] = float(scores[pos])
+                    gradient = self.layer_scores(model, calib, cost, kept, original_count)
                     verified = self.lowest(gradient, self.candidates) if self.candidates > 1 else []
                 else:  # every prunable layer is a candidate: the screen cannot change the choice
                     verified = prunable

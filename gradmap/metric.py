@@ -223,6 +223,34 @@ class LayerMetric(ABC):
                        key=lambda i: (scores[i], i))
         return order[:n]
 
+    def layer_scores(self, model: nn.Module, calib: Calibration, cost: Cost, kept: list[int],
+                     original_count: int) -> list[float | None]:
+        """`score` on the model as it is now (its layers = original layers `kept`, in order), checked (one finite
+        score per layer) and placed at original indices (None for layers already removed)."""
+        scores = self.score(model, calib, cost).detach().double().cpu()
+        if scores.shape != (len(kept),) or not torch.isfinite(scores).all():
+            raise RuntimeError(f"{type(self).__name__}.score returned {tuple(scores.shape)} scores "
+                               f"(finite: {bool(torch.isfinite(scores).all())}); expected {len(kept)} finite")
+        full: list[float | None] = [None] * original_count
+        for pos, orig in enumerate(kept):
+            full[orig] = float(scores[pos])
+        return full
+
+    def decide(self, model: nn.Module, calib: Calibration, cost: Cost, step: int, kept: list[int],
+               original_count: int, count: int) -> Decision:
+        """One scoring pass on the model as it is now and its `count` lowest-scoring layers, in original indices
+        (`lowest` applies protect_first/protect_last there). Shared by `select` and by compensations that rescore
+        the model they change (Prune&Comp)."""
+        t0 = time.perf_counter()
+        before = Cost(**cost.as_dict())
+        full = self.layer_scores(model, calib, cost, kept, original_count)
+        score_seconds = time.perf_counter() - t0
+        take = self.lowest(full, count)
+        return Decision(step=step, scores=full, removed=take, seconds=time.perf_counter() - t0,
+                        score_seconds=score_seconds,
+                        forward_tokens=cost.forward_tokens - before.forward_tokens,
+                        backward_tokens=cost.backward_tokens - before.backward_tokens)
+
     def select(self, model: nn.Module, calib: Calibration, num_prune: int, cost: Cost,
                resume: Selection | None = None, on_decision: DecisionCallback | None = None) -> Selection:
         """Choose `num_prune` layers. `resume`: earlier decisions of this same metric to continue from
@@ -240,24 +268,13 @@ class LayerMetric(ABC):
         steps = num_prune if self.iterative else 1
         bar = progress(total=steps, initial=len(decisions), desc=f"{self.name}: pruning decisions", unit="decision")
         for step in range(len(decisions), steps):
-            t0 = time.perf_counter()
-            before = Cost(**cost.as_dict())
             kept = surgery.kept_indices(original_count, removed)
             with surgery.layers_removed(model, sorted(removed)):
-                scores = self.score(model, calib, cost).detach().double().cpu()
-            score_seconds = time.perf_counter() - t0
-            if scores.shape != (len(kept),) or not torch.isfinite(scores).all():
-                raise RuntimeError(f"{type(self).__name__}.score returned {tuple(scores.shape)} scores "
-                                   f"(finite: {bool(torch.isfinite(scores).all())}); expected {len(kept)} finite")
-            full: list[float | None] = [None] * original_count
-            for pos, orig in enumerate(kept):
-                full[orig] = float(scores[pos])
-            take = self.lowest(full, 1 if self.iterative else num_prune)
+                decision = self.decide(model, calib, cost, step, kept, original_count,
+                                       1 if self.iterative else num_prune)
+            take = decision.removed
             removed.extend(take)
-            decisions.append(Decision(step=step, scores=full, removed=take, seconds=time.perf_counter() - t0,
-                                      score_seconds=score_seconds,
-                                      forward_tokens=cost.forward_tokens - before.forward_tokens,
-                                      backward_tokens=cost.backward_tokens - before.backward_tokens))
+            decisions.append(decision)
             bar.update(1)
             bar.set_postfix(removed=take[0] if len(take) == 1 else len(take))
             if on_decision is not None:
