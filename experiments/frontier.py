@@ -1,6 +1,7 @@
 """Quality versus pruning cost: for the pruning compute one can afford, which method gives the best model?
 
     python -m experiments.frontier SWEEP_DIR [SWEEP_DIR ...] --out DIR [--text TEXT]... [--cost tokens|seconds]
+                                   [--compensation CHOICE ...]
 
 Reads every finished `record.json` under the folders (`experiments.records.load_records`: the newest run per
 configuration and seed; failed jobs become notes) and builds one row per (model, prune ratio, metric, compensation,
@@ -265,9 +266,21 @@ def to_markdown(table: pd.DataFrame, ppl: list[str]) -> str:
 # ----------------------------------------------------------------------------------------------------- outputs
 
 def write_frontier(sweep_dirs: list[str | Path], out_dir: str | Path, texts: list[str] | None = None,
-                   cost: str = "tokens", command: str | None = None) -> tuple[str, list[Path], list[str]]:
-    """Load, tabulate, summarise, plot and write; returns (plain-text summary, files written, notes)."""
+                   cost: str = "tokens", command: str | None = None,
+                   compensations: list[str] | None = None) -> tuple[str, list[Path], list[str]]:
+    """Load, tabulate, summarise, plot and write; returns (plain-text summary, files written, notes).
+    `compensations`: keep only runs with these compensation choices (default: all)."""
     records, notes = load_records(sweep_dirs)
+    if compensations:
+        found = {choice(r, "compensation") for r in records}
+        unknown = sorted(set(compensations) - found)
+        if unknown:
+            raise FrontierError(f"--compensation {', '.join(unknown)} not in the records; available: "
+                                + ", ".join(sorted(found)))
+        left = [r for r in records if choice(r, "compensation") in compensations]
+        notes.append(f"{len(records) - len(left)} finished run(s) with another compensation left out "
+                     f"(--compensation {' '.join(compensations)})")
+        records = left
     ppl = ppl_columns(records, texts)
     table = build_frontier(records, ppl, cost)
     for (model, ratio), g in table.groupby(["model", "prune_ratio"]):
@@ -312,13 +325,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", action="append", metavar="TEXT",
                         help="held-out text to show (wiki_test, or a column such as ppl@128/wiki_test); repeat for "
                              "several; default all")
+    parser.add_argument("--compensation", nargs="+", metavar="CHOICE",
+                        help="only runs with these compensations (e.g. none projection: trained compensations' "
+                             "one-layer training tokens are not full-model tokens, so their cost is not comparable)")
     parser.add_argument("--cost", choices=sorted(COSTS), default="tokens",
                         help="x axis, Pareto front and summary: pruning tokens (machine-independent, default) or "
                              "seconds")
     args = parser.parse_args(argv)
     command = "python -m experiments.frontier " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
-        summary, files, notes = write_frontier(args.sweep_dirs, args.out, args.text, args.cost, command)
+        summary, files, notes = write_frontier(args.sweep_dirs, args.out, args.text, args.cost, command,
+                                               args.compensation)
     except (NoRecordsError, FrontierError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

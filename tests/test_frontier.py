@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import hydra.utils
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -205,6 +206,16 @@ def test_cli_text_and_cost_options(sweep, tmp_path):
     assert "--text wiki_test --cost seconds" in md.splitlines()[3]
     assert "`ppl@128/wiki_test`" in md and "`ppl@128/news_test`" not in md
     assert "ppl@128/news_test" not in (out / "results.csv").read_text()
+
+
+def test_compensation_filter(sweep, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main([str(sweep), "--out", str(out), "--compensation", "none"]) == 0
+    table = pd.read_csv(out / "results.csv")
+    assert set(table.compensation) == {"none"} and len(table) == 6  # the projection row is left out
+    assert "3 finished run(s) with another compensation left out (--compensation none)" in (out / "results.md").read_text()
+    assert main([str(sweep), "--out", str(tmp_path / "r2"), "--compensation", "replaceme"]) == 2
+    assert "--compensation replaceme not in the records; available: none, projection" in capsys.readouterr().err
 
 
 def test_no_records_exits_2_with_one_line(tmp_path):
