@@ -53,8 +53,8 @@ class GradMAPVerify(GradMAPMetric):
 
     Args:
         candidates: k, the number of GradMAP's lowest-scoring prunable layers verified exactly per decision. 1 =
-            GradMAP; >= the number of prunable layers = SLEB. The default (4) is provisional until chosen on
-            validation text (`eval=validation tuning=true`).
+            GradMAP; >= the number of prunable layers = SLEB. The default (4) was chosen on validation text
+            (experiment=choose_verify_k: lowest validation perplexity with the projection among 1, 2, 4, 8).
         target, reduction, accum_dtype, grad_accumulation, gradient_checkpointing: GradMAP's screening score
             (`GradMAPMetric`); defaults as conf/metric/gradmap.yaml.
         protect_first / protect_last: never prune the first / last k layers; 1 / 1 by default, SLEB's official
