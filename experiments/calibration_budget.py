@@ -139,10 +139,14 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for metric, g in table.groupby("metric"):
-        ax.plot(g["tokens"], g["mean_jaccard"], marker="o", label=metric)
+    groups = list(table.groupby("metric"))
+    markers = "osD^vP*Xh<>"
+    for i, (metric, g) in enumerate(groups):
+        shift = 2 ** (0.08 * (i - (len(groups) - 1) / 2))  # metrics at the same value stay visible side by side
+        ax.plot(g["tokens"] * shift, g["mean_jaccard"], marker=markers[i % len(markers)], label=metric)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("calibration tokens")
+    ax.set_xticks(sorted(table["tokens"].unique()), [f"{t:,}" for t in sorted(table["tokens"].unique())])
+    ax.set_xlabel("calibration tokens (points of one budget spread sideways)")
     ax.set_ylabel("mean pairwise Jaccard of removed sets")
     ax.set_ylim(0, 1.05)
     ax.set_title("Stability of the removed set across calibration seeds")
