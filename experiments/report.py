@@ -26,7 +26,7 @@ are averaged (`runs` counts them: the calibration seeds). Columns:
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -102,11 +102,15 @@ def build_table(records: list[ReportedRun], baseline: str | None = None) -> tupl
     dense_rows = []
     for model in sorted({row_key(r)[0] for r in records}):
         mine = sorted((r for r in records if row_key(r)[0] == model), key=lambda r: r.finish_time)
-        if len({json.dumps(r.results["headline"]["dense"], sort_keys=True) for r in mine}) > 1:
-            notes.append(f"dense results of {model} differ between records (other eval settings?); "
+        scored = [_scores(r, "dense", ppl, acc) for r in mine]
+        # Per column, the newest record that measured it: a perplexity-only sweep merged with an accuracy sweep
+        # (paper_main + paper_accuracy) still shows the dense accuracy.
+        dense = {c: next((s[c] for s in reversed(scored) if not pd.isna(s[c])), math.nan) for c in scored[-1]}
+        differ = [c for c in ppl + acc if len({round(s[c], 9) for s in scored if not pd.isna(s[c])}) > 1]
+        if differ:
+            notes.append(f"dense {', '.join(differ)} of {model} differ between records (other eval settings?); "
                          "the dense row shows the newest")
-        dense_rows.append({"model": model, "prune_ratio": 0.0, "metric": DENSE, "compensation": "",
-                           **_scores(mine[-1], "dense", ppl, acc)})
+        dense_rows.append({"model": model, "prune_ratio": 0.0, "metric": DENSE, "compensation": "", **dense})
     table = pd.concat([pd.DataFrame(dense_rows), pruned], ignore_index=True)
     measures = [x for c in ppl for x in (c, f"{c} sd")] + [x for c in acc for x in (c, f"{c} se")]
     table = table[KEY + ["runs"] + measures + SUMMARY].sort_values(KEY, ignore_index=True)

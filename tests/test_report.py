@@ -209,3 +209,25 @@ def test_calibration_seed_does_not_split_the_seeds(tmp_path):
     table, _ = build_table(load_records([tmp_path])[0])
     r = row(table, "gradmap", "none", 0.25)
     assert r["runs"] == 3 and r["ppl@128"] == pytest.approx(40.0)
+
+
+def test_dense_row_merges_a_perplexity_sweep_with_an_accuracy_sweep(tmp_path):
+    """paper_main (perplexity only) + paper_accuracy (accuracy too): the dense row shows the dense accuracy even when
+    the newest record has none, and no 'differ' note is written for columns that agree."""
+    root = tmp_path / "sweeps"
+    write_record(root, "acc", "gradmap", "none", 0.25, 40.0, 0.30, 0.20, 8.0, finished="2025-01-01T12:00:00+0000")
+    write_record(root, "ppl", "bi", "none", 0.25, 60.0, 0.24, 0.24, 2.0, finished="2025-01-02T12:00:00+0000")
+    path = root / "ppl" / "record.json"
+    rec = json.loads(path.read_text())
+    rec["results"]["headline"] = {"dense": {"ppl@128": 20.0}, "pruned": {"ppl@128": 60.0}}
+    path.write_text(json.dumps(rec))
+    table, notes = build_table(load_records([root])[0])
+    dense = table[table.metric == "dense"].iloc[0]
+    assert dense["ppl@128"] == 20.0 and dense["task_a/acc_norm"] == 0.6 and dense["task_b/acc"] == 0.4
+    assert not any("differ" in n for n in notes)
+    # a dense value that really differs (other eval settings) is still reported, naming the column
+    rec["results"]["headline"]["dense"]["ppl@128"] = 21.0
+    path.write_text(json.dumps(rec))
+    table, notes = build_table(load_records([root])[0])
+    assert table[table.metric == "dense"].iloc[0]["ppl@128"] == 21.0  # the newest
+    assert any(n.startswith("dense ppl@128 of smollm2_135m differ") for n in notes)
