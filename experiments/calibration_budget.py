@@ -22,7 +22,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from hydra import compose, initialize_config_dir

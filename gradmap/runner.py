@@ -163,7 +163,7 @@ class Run:
                 from err
 
     def _execute(self) -> RunRecord:
-        cfg, rec, stage, checked = self.cfg, self.record, self.recorder.stage, self.checked
+        rec, stage, checked = self.record, self.recorder.stage, self.checked
         self._start_logger()
         self.save()
         seed_everything(checked.config["seed"])

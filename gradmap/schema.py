@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import field
@@ -57,7 +58,7 @@ def _describe(tp: Any, meta: Mapping[str, Any]) -> str:
     if "allowed" in meta:
         return meta["allowed"]
     if "choices" in meta:
-        return ", ".join(str(c) for c in meta["choices"]) + (" or null" if _optional(tp) else "")
+        return ", ".join(str(c) for c in meta["choices"]) + (" or null" if is_optional(tp) else "")
     base = _strip_optional(tp)
     words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(base)
     if words is None:
@@ -75,17 +76,18 @@ def _describe(tp: Any, meta: Mapping[str, Any]) -> str:
             bounds.append(f"{sym} {meta[op]}")
     if bounds:
         words += " " + " and ".join(bounds)
-    if _optional(tp):
+    if is_optional(tp):
         words += " or null"
     return words
 
 
-def _optional(tp: Any) -> bool:
-    return typing.get_origin(tp) is Union and type(None) in typing.get_args(tp)
+def is_optional(tp: Any) -> bool:
+    """`Optional[X]`, `Union[X, None]` or `X | None` (a `types.UnionType`, which `typing.Union` is not on 3.11)."""
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
 def _strip_optional(tp: Any) -> Any:
-    if _optional(tp):
+    if is_optional(tp):
         rest = [a for a in typing.get_args(tp) if a is not type(None)]
         return rest[0] if len(rest) == 1 else Union[tuple(rest)]
     return tp
@@ -101,7 +103,7 @@ def check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any] | None = 
     meta = meta or {}
     allowed = _describe(tp, meta)
     if value is None:
-        if _optional(tp) or tp is Any:
+        if is_optional(tp) or tp is Any:
             return None
         raise ConfigError(key, value, allowed, problem="a value is required")
     base = _strip_optional(tp)

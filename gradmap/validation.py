@@ -42,7 +42,7 @@ from gradmap.assets import check_asset
 from gradmap.models import MODEL_CLASSES, ModelInfo, TinyRandomModel
 from gradmap.path_checks import check_cache_dir, check_file, check_save_dir
 from gradmap.schema import (DEVICE_PATTERN, DEVICES_ALLOWED, DTYPE_ALIASES, OFFLINE_CORPORA, TASKS_DIR, check_node,
-                            check_value, option)
+                            check_value, is_optional, option)
 
 __all__ = ["GROUPS", "Checked", "ConfigError", "ModelInfo", "brief", "check_asset", "check_component",
            "check_node", "check_save_dir", "check_value", "lm_eval_task_known", "num_to_prune", "one_line",
@@ -228,12 +228,6 @@ def _mps() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
-def _mps() -> bool:
-    import torch
-
-    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-
-
 # ------------------------------------------------------------------------------ metric and compensation
 
 def check_component(group: str, node: Mapping[str, Any]) -> Any:
@@ -255,7 +249,7 @@ def check_component(group: str, node: Mapping[str, Any]) -> Any:
         if key not in params and not open_kwargs:
             raise ConfigError(f"{group}.{key}", value, f"the options of {cls.__name__}: {', '.join(named)}",
                               problem="unknown key")
-        if key in hints and (hints[key] in (bool, int, float, str) or _optional(hints[key])):
+        if key in hints and (hints[key] in (bool, int, float, str) or is_optional(hints[key])):
             check_value(f"{group}.{key}", value, hints[key])
     missing = [n for n in named if params[n].default is inspect.Parameter.empty and n not in node]
     if missing:

@@ -65,6 +65,24 @@ def test_every_shipped_metric_and_compensation_matches_its_class(group):
         assert check_component(group, node) is not None, path.name
 
 
+class OptionalKnobs:
+    """A user component whose constructor annotates optional values both ways (`X | None` and Optional[X])."""
+
+    def __init__(self, width: int | None = None, name: Optional[str] = None):
+        self.width, self.name = width, name
+
+
+@pytest.mark.parametrize("key, value, ok", [("width", 3, True), ("width", None, True), ("name", "a", True),
+                                            ("width", "wide", False), ("width", 2.5, False), ("name", 4, False)])
+def test_component_optional_annotations_are_checked(key, value, ok):
+    node = {"_target_": f"{__name__}.OptionalKnobs", key: value}
+    if ok:
+        assert getattr(check_component("metric", node), key) == value
+    else:
+        with pytest.raises(ConfigError, match=rf"^metric\.{key}="):
+            check_component("metric", node)
+
+
 def test_every_model_calibration_eval_and_logger_option_builds_its_config_class(tmp_path):
     """Each shipped option composes into a config whose plain groups build their `_target_` config class through the
     schema checks (assets aside)."""
