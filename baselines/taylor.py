@@ -8,6 +8,7 @@ from torch import nn
 from baselines._common import check_choice, resolve_accum_dtype
 from gradmap import surgery
 from gradmap.grad_state import eval_mode, grad_state_preserved, gradient_checkpointing, only_layer_weights_trainable
+from gradmap.lm_loss import backward_lm_loss
 from gradmap.metric import Calibration, Cost, LayerMetric, Reuse
 from gradmap.models import model_device
 
@@ -45,6 +46,8 @@ class BlockTaylor(LayerMetric):
             gradient per block weight (float64 would double that memory); float64 for exact checks.
         gradient_checkpointing: recompute activations in backward to save memory on large models (off by default).
         parameters: `weights` (default, the official code: no biases) or `all` (biases included).
+        loss_chunk_tokens: positions per chunk of the head + cross-entropy (`gradmap.lm_loss`; a memory knob that
+            leaves the loss unchanged; 0 = the model's own loss with the full-vocabulary float32 logits).
         protect_first / protect_last: blocks never pruned; required (no default: taylor.yaml and taylor_plus.yaml
             share this class and differ here): 0 / 0 for Taylor, 4 / 2 for Taylor+ (the paper).
     """
@@ -53,11 +56,12 @@ class BlockTaylor(LayerMetric):
     reuse = Reuse.RANKED  # one-shot (the paper): one scoring pass serves every n
 
     def __init__(self, protect_first: int, protect_last: int, iterative: bool = False, accum_dtype: str = "float32",
-                 gradient_checkpointing: bool = False, parameters: str = "weights"):
+                 gradient_checkpointing: bool = False, parameters: str = "weights", loss_chunk_tokens: int = 1024):
         super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
         self.accum_dtype, self.dtype = accum_dtype, resolve_accum_dtype(accum_dtype)
         self.gradient_checkpointing = gradient_checkpointing
         self.parameters = check_choice("parameters", parameters, PARAMETERS)
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     def score(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
         with grad_state_preserved(model), eval_mode(model), \
@@ -97,8 +101,7 @@ class BlockTaylor(LayerMetric):
         try:
             for batch in calib.batches(model_device(model)):
                 share = batch.shape[0] * (batch.shape[1] - 1) / total
-                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-                cost.backward_tokens += batch.numel()
+                backward_lm_loss(model, batch, cost, self.loss_chunk_tokens)
         finally:
             for h in handles:
                 h.remove()

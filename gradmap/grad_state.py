@@ -44,18 +44,30 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """HF checkpointing only acts in train mode; these models have zero dropout, so outputs are unchanged."""
+    """Recompute each decoder layer's activations in the backward. HF checkpoints a layer only when that layer's own
+    `training` flag is set, so exactly those flags are set and every other module (attention, dropout) stays in eval
+    mode: outputs are those of the eval-mode model whatever its dropout. Modes are restored by the callers'
+    `grad_state_preserved` / `eval_mode`."""
     if not enabled:
         yield
         return
-    was = getattr(model, "is_gradient_checkpointing", False)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    was = getattr(model, "is_activation_checkpointing", None)
+    was = getattr(model, "is_gradient_checkpointing", False) if was is None else was
+    modes = {m: m.training for m in model.modules()}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.eval()
+    for layer in surgery.get_decoder_layers(model):
+        layer.training = True
     try:
         yield
     finally:
+        for m, mode in modes.items():
+            m.training = mode
         if not was:
-            model.gradient_checkpointing_disable()
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
             # transformers 5 adds an input-requires-grad hook on enable but removes it on disable only for PEFT.
             model.disable_input_require_grads()
 

@@ -39,6 +39,7 @@ from gradmap import surgery
 from gradmap.capture import layer_io
 from gradmap.errors import ConfigError
 from gradmap.grad_state import grad_state_preserved, gradient_checkpointing, only_layer_weights_trainable
+from gradmap.lm_loss import backward_lm_loss
 from gradmap.metric import Calibration, Cost, LayerMetric, Reuse
 from gradmap.models import model_device
 
@@ -69,18 +70,25 @@ def combine_weight_reduction(reduction: str, abs_sum: float, sq_sum: float, w_sq
     raise ValueError(f"reduction={reduction!r} is not valid for target=weights; allowed: {REDUCTIONS['weights']}")
 
 
-def reduce_activation_grad(reduction: str, grad: torch.Tensor, update: torch.Tensor | None,
-                           dtype: torch.dtype) -> float:
-    """Mean over the batch's tokens of the chosen activation-gradient reduction ([B, T, d] tensors)."""
-    g = grad.detach().to(dtype)
-    if reduction == "mean_abs":
-        return float(g.abs().mean())
-    if reduction == "l2":
-        return float(g.norm(dim=-1).mean())
-    if reduction == "first_order":
-        return float((g * update.to(dtype)).sum(dim=-1).abs().mean())
-    raise ValueError(f"reduction={reduction!r} is not valid for target=activations; "
-                     f"allowed: {REDUCTIONS['activations']}")
+def reduce_activation_grad(reduction: str, grad: torch.Tensor, layer_in: torch.Tensor | None,
+                           layer_out: torch.Tensor | None, dtype: torch.dtype) -> float:
+    """Mean over the batch's tokens of the chosen activation-gradient reduction ([B, T, d] tensors); first_order
+    takes the layer's input and output (its update is their difference, formed here, not stored per layer). One
+    sequence at a time, so the `dtype` temporaries are [T, d], not [B, T, d]."""
+    if reduction not in REDUCTIONS["activations"]:
+        raise ValueError(f"reduction={reduction!r} is not valid for target=activations; "
+                         f"allowed: {REDUCTIONS['activations']}")
+    total = 0.0
+    for b in range(grad.shape[0]):
+        g = grad[b].detach().to(dtype)
+        if reduction == "mean_abs":
+            total += float(g.abs().sum())
+        elif reduction == "l2":
+            total += float(g.norm(dim=-1).sum())
+        else:  # first_order
+            total += float((g * (layer_out[b].to(dtype) - layer_in[b].to(dtype))).sum(dim=-1).abs().sum())
+    per_token = grad.shape[-1] if reduction == "mean_abs" else 1
+    return total / (grad[..., 0].numel() * per_token)
 
 
 class GradMAPMetric(LayerMetric):
@@ -93,15 +101,18 @@ class GradMAPMetric(LayerMetric):
         iterative: rescore after each removal (the paper's one backward per pruning decision).
         accum_dtype: precision of the per-layer sums.
         grad_accumulation: weights only: `full` (the gradient of the whole calibration set) or `per_batch`.
-        gradient_checkpointing: trade compute for memory on large models.
+        gradient_checkpointing: recompute each layer's activations in the backward (the backward's peak memory stays
+            near a forward's; ~1/3 more compute).
+        loss_chunk_tokens: positions per chunk of the head + cross-entropy (`gradmap.lm_loss`; 0 = the model's own
+            loss, which holds the full-vocabulary float32 logits of a micro-batch).
     """
 
     name = "gradmap"
     reuse = Reuse.RANKED  # one-shot: one backward serves every n; iterative: a greedy order
 
     def __init__(self, target: str = "activations", reduction: str = "first_order", iterative: bool = False,
-                 accum_dtype: str = "float64", grad_accumulation: str = "full", gradient_checkpointing: bool = False,
-                 protect_first: int = 0, protect_last: int = 0):
+                 accum_dtype: str = "float64", grad_accumulation: str = "full", gradient_checkpointing: bool = True,
+                 loss_chunk_tokens: int = 1024, protect_first: int = 0, protect_last: int = 0):
         super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
         if target not in REDUCTIONS:
             raise ConfigError("target", target, list(REDUCTIONS))
@@ -116,6 +127,13 @@ class GradMAPMetric(LayerMetric):
         self.accum_dtype, self.dtype = accum_dtype, ACCUM_DTYPES[accum_dtype]
         self.grad_accumulation = grad_accumulation
         self.gradient_checkpointing = gradient_checkpointing
+        if isinstance(loss_chunk_tokens, bool) or not isinstance(loss_chunk_tokens, int) or loss_chunk_tokens < 0:
+            raise ConfigError("loss_chunk_tokens", loss_chunk_tokens, "an integer >= 0 (0 = the model's own loss)")
+        self.loss_chunk_tokens = loss_chunk_tokens
+
+    @property
+    def micro_batch_is_memory_knob(self) -> bool:  # per_batch reduces each micro-batch's weight gradient on its own
+        return not (self.target == "weights" and self.grad_accumulation == "per_batch")
 
     def score(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
         with grad_state_preserved(model), gradient_checkpointing(model, self.gradient_checkpointing):
@@ -124,10 +142,7 @@ class GradMAPMetric(LayerMetric):
             return self._score_activations(model, calib, cost)
 
     def _backward(self, model: nn.Module, batch: torch.Tensor, cost: Cost) -> None:
-        # Keep only the loss: holding the output would keep the [B, T, vocab] logits alive through the backward.
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        loss.backward()
-        cost.backward_tokens += batch.numel()
+        backward_lm_loss(model, batch, cost, self.loss_chunk_tokens)
 
     def _score_weights(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
         layers = surgery.get_decoder_layers(model)
@@ -182,10 +197,12 @@ class GradMAPMetric(LayerMetric):
         weight = 0.0  # rescales the running micro-batch's per-token reduction to the full-set loss's (read by hooks)
 
         def on_layer(pos: int, inp: torch.Tensor, out: torch.Tensor) -> None:
-            update = (out - inp).detach() if self.reduction == "first_order" else None
+            # References, not copies: the backward keeps a layer's input and output alive anyway (as the next
+            # layer's saved input, or as a checkpoint's input), so first_order costs no [B, T, d] buffer per layer.
+            layer_in, layer_out = inp.detach(), out.detach()
 
             def on_grad(g: torch.Tensor) -> None:
-                totals[pos] += weight * reduce_activation_grad(self.reduction, g, update, self.dtype)
+                totals[pos] += weight * reduce_activation_grad(self.reduction, g, layer_in, layer_out, self.dtype)
 
             out.register_hook(on_grad)
 

@@ -9,7 +9,8 @@ spends GradMAP's single gradient pass to pick `candidates` = k layers and SLEB's
 
 One decision (iterative: one per removed layer; the smaller model is rescreened each time):
   1. screen: GradMAP's score of every present layer (`GradMAPMetric.score`, configured by the same keys as
-     conf/metric/gradmap.yaml: target, reduction, accum_dtype, grad_accumulation, gradient_checkpointing): one
+     conf/metric/gradmap.yaml: target, reduction, accum_dtype, grad_accumulation, gradient_checkpointing,
+     loss_chunk_tokens): one
      forward+backward over the calibration tokens;
   2. verify: the k lowest-scoring *prunable* layers (ties: the lower index) are each removed in turn
      (`surgery.layers_removed`) and the calibration perplexity measured (`baselines.ppl.calibration_perplexity`, on
@@ -55,7 +56,8 @@ class GradMAPVerify(GradMAPMetric):
         candidates: k, the number of GradMAP's lowest-scoring prunable layers verified exactly per decision. 1 =
             GradMAP; >= the number of prunable layers = SLEB. The default (4) was chosen on validation text
             (experiment=choose_verify_k: lowest validation perplexity with the projection among 1, 2, 4, 8).
-        target, reduction, accum_dtype, grad_accumulation, gradient_checkpointing: GradMAP's screening score
+        target, reduction, accum_dtype, grad_accumulation, gradient_checkpointing, loss_chunk_tokens: GradMAP's
+            screening score
             (`GradMAPMetric`); defaults as conf/metric/gradmap.yaml.
         protect_first / protect_last: never prune the first / last k layers; 1 / 1 by default, SLEB's official
             barriers: the decision is SLEB's criterion on a shortlist, so the k >= all limit is exactly default SLEB
@@ -68,11 +70,11 @@ class GradMAPVerify(GradMAPMetric):
     name = "gradmap_verify"
 
     def __init__(self, candidates: int = 4, target: str = "activations", reduction: str = "first_order",
-                 accum_dtype: str = "float64", grad_accumulation: str = "full", gradient_checkpointing: bool = False,
-                 protect_first: int = 1, protect_last: int = 1):
+                 accum_dtype: str = "float64", grad_accumulation: str = "full", gradient_checkpointing: bool = True,
+                 loss_chunk_tokens: int = 1024, protect_first: int = 1, protect_last: int = 1):
         super().__init__(target=target, reduction=reduction, iterative=True, accum_dtype=accum_dtype,
                          grad_accumulation=grad_accumulation, gradient_checkpointing=gradient_checkpointing,
-                         protect_first=protect_first, protect_last=protect_last)
+                         loss_chunk_tokens=loss_chunk_tokens, protect_first=protect_first, protect_last=protect_last)
         if int(candidates) < 1:
             raise ValueError(f"candidates={candidates} is not valid; allowed: an integer >= 1")
         self.candidates = int(candidates)
