@@ -88,6 +88,7 @@ class StreamlineTraining(Compensation):
 
     name = "streamline"
     trains = True
+    micro_batch_is_memory_knob = False  # calibration micro-batches are its training batches (gradmap.oom)
 
     def __init__(self, part: str, epochs: int = 20, lr: float = 2e-4, min_lr: float = 5e-5,
                  weight_decay: float = 1e-3, warmup_ratio: float = 0.08, decay_horizon: float = 8.0,

@@ -35,6 +35,9 @@ class Compensation(ABC):
     # calib, n, cost, resume=..., on_decision=...) -> (Selection, report)` instead of select -> remove_layers ->
     # apply, and caches that selection as `selection_reuse(metric)` (a `gradmap.metric.Reuse`) says.
     interleaved = False
+    # The result does not depend on `calibration.batch_size`, so out of memory may be retried with smaller
+    # micro-batches (gradmap.oom); False for compensations that train (the micro-batch is their optimiser's batch).
+    micro_batch_is_memory_knob = True
 
     def check_compatible(self, model: nn.Module, removed: list[int]) -> None:
         """Raise IncompatibleCompensationError if this pairing cannot work. Default: any pairing is fine."""

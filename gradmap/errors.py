@@ -10,6 +10,9 @@ import json
 from typing import Any
 
 UNSET: Any = object()  # "no value given" (None is a value a key can have)
+# The memory knobs a user can turn when a run is out of memory (gradmap.oom, gradmap.jobs).
+OOM_HINT = ("set metric.gradient_checkpointing=true, lower calibration.batch_size (or calibration.seq_len) and "
+            "eval.perplexity.batch_size, or use a larger device")
 
 
 def _show(value: Any) -> str:

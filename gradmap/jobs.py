@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gradmap.errors import ConfigError, brief, one_line
+from gradmap.errors import OOM_HINT, ConfigError, brief, one_line
 from gradmap.files import atomic_write_json, move_aside, read_json
 from gradmap.record import RecordVersionError, RunRecord
 from gradmap.validation import resolve, validate
@@ -257,13 +257,13 @@ def _error_dict(err: BaseException, tb: str | None) -> dict[str, Any]:
 
 def _as_fault(err: BaseException, record: RunRecord) -> ConfigError | None:
     """Faults a user meets at run time that are not bugs: out of memory."""
-    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+    from gradmap.oom import is_oom  # torch is loaded by now: the error came from a run
+
+    if isinstance(err, MemoryError) or is_oom(err):  # where no retry applies (gradmap.oom retries the stages)
         stage = record.failed_stage or "?"
         calib = record.config.get("calibration") or {}
         return ConfigError("calibration.batch_size", calib.get("batch_size"),
-                           problem=f"out of memory in stage '{stage}' ({type(err).__name__})",
-                           hint="lower calibration.batch_size or eval.perplexity.batch_size, or set "
-                                "metric.gradient_checkpointing=true")
+                           problem=f"out of memory in stage '{stage}' ({type(err).__name__})", hint=OOM_HINT)
     return None
 
 

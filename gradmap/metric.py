@@ -186,6 +186,9 @@ class LayerMetric(ABC):
 
     name = "metric"
     reuse: ClassVar[Reuse] = Reuse.RANKED  # how a cached selection serves another num_prune (see Reuse)
+    # The scores do not depend on `calibration.batch_size` (micro-batches), so an out-of-memory error may be retried
+    # with smaller ones (gradmap.oom); a metric whose scores do depend on it says False.
+    micro_batch_is_memory_knob: ClassVar[bool] = True
 
     def __init__(self, iterative: bool = False, protect_first: int = 0, protect_last: int = 0):
         for key, value in (("protect_first", protect_first), ("protect_last", protect_last)):

@@ -64,6 +64,8 @@ class RunRecord:
     compensation: dict[str, Any] | None = None  # the compensation's report
     pruning_seconds_original: float | None = None  # original scoring + prune + compensate
     saved_to: str | None = None
+    # Out-of-memory retries (gradmap.oom): stage, key, from, to, error of each halving of a micro-batch.
+    oom_retries: list[dict[str, Any]] = field(default_factory=list)
     # Keys of an upgraded old record that this schema does not know (kept, so rewriting it loses nothing).
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -9,6 +9,7 @@ logger, each pruning decision as it is made.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import random
 import sys
@@ -32,6 +33,7 @@ from gradmap.files import atomic_write_json, atomic_write_text, move_aside
 from gradmap.loggers import make_logger
 from gradmap.metric import Cost, Decision, Selection
 from gradmap.models import resolve_device, resolve_dtype
+from gradmap.oom import ParamFingerprint, retry_halving
 from gradmap.record import RunRecord, environment
 from gradmap.stages import StageRecorder
 from gradmap.validation import Checked
@@ -212,12 +214,12 @@ class Run:
             with stage("prune"):
                 removed = surgery.remove_layers(model, selection.removed)
             with stage("compensate", model) as cost:
-                rec.compensation = compensation.apply(model, removed, calib, cost)
+                rec.compensation = self._compensate(model, compensation, removed, calib, cost)
             del removed  # the dense reference is no longer needed
         self.save()
 
         with stage("evaluate", model):
-            pruned = evaluate(model, tokenizer, checked.evaluation, heldout)
+            pruned = self._evaluate(model, tokenizer, heldout, "evaluate")
         dense = rec.results["dense"]
         rec.results.update({"pruned": pruned, "retained_pct": retained(dense, pruned),
                             "headline": {"dense": headline(dense), "pruned": headline(pruned)}})
@@ -254,7 +256,12 @@ class Run:
             nonlocal total
             with self.recorder.stage("score", model) as cost:
                 t0 = time.perf_counter()
-                selection = metric.select(model, calib, n, cost, resume=resume, on_decision=log.on_decision)
+
+                def attempt() -> Selection:
+                    return metric.select(model, calib, n, cost, resume=resume, on_decision=log.on_decision)
+
+                selection = self._with_calibration_retry("score", calib, cost, attempt,
+                                                         metric.micro_batch_is_memory_knob)
                 total = time.perf_counter() - t0
             return selection
 
@@ -292,6 +299,45 @@ class Run:
         self._record_selection(metric, got.selection, got.source, key)
         return got.selection, report
 
+    # ---------------------------------------------------------------- out of memory: halve the micro-batch (gradmap.oom)
+
+    def _with_calibration_retry(self, stage: str, calib, cost: Cost, attempt, allowed: bool,
+                                can_retry=None):
+        """`attempt()` with `calib.batch_size` halved after each out-of-memory error; the failed attempt's tokens are
+        taken back out of the stage's cost, and the smaller micro-batch stays for the later stages."""
+        start = Cost(**cost.as_dict())
+
+        def with_batch(bs: int):
+            calib.batch_size = bs
+            cost.forward_tokens, cost.backward_tokens, cost.train_tokens = (
+                start.forward_tokens, start.backward_tokens, start.train_tokens)
+            return attempt()
+
+        return retry_halving(with_batch, stage=stage, key="calibration.batch_size", batch_size=calib.batch_size,
+                             on_retry=self.record.oom_retries.append, allowed=allowed, can_retry=can_retry)
+
+    def _compensate(self, model, compensation, removed, calib, cost: Cost) -> dict[str, Any]:
+        before = ParamFingerprint(model)  # a retry is safe only if the failed attempt changed no weight
+        return self._with_calibration_retry("compensate", calib, cost,
+                                            lambda: compensation.apply(model, removed, calib, cost),
+                                            compensation.micro_batch_is_memory_knob,
+                                            can_retry=lambda: before.unchanged(model))
+
+    def _evaluate(self, model, tokenizer, heldout, stage: str) -> dict[str, Any]:
+        """`evaluate` with `eval.perplexity.batch_size` (and lm-eval's batch size in proportion) halved after each
+        out-of-memory error."""
+        evaluation = self.checked.evaluation
+        first = int(evaluation.perplexity.batch_size)
+
+        def attempt(bs: int) -> dict[str, Any]:
+            lm_bs = max(1, int(evaluation.lm_eval.batch_size) * bs // first)
+            ev = dataclasses.replace(evaluation, perplexity=dataclasses.replace(evaluation.perplexity, batch_size=bs),
+                                     lm_eval=dataclasses.replace(evaluation.lm_eval, batch_size=lm_bs))
+            return evaluate(model, tokenizer, ev, heldout)
+
+        return retry_halving(attempt, stage=stage, key="eval.perplexity.batch_size", batch_size=first,
+                             on_retry=self.record.oom_retries.append)
+
     def _record_selection(self, metric, selection: Selection, source: str, key: str) -> None:
         self.record.selection_source = source
         self.record.selection_cache_key = key
@@ -313,7 +359,7 @@ class Run:
             except CacheEntryError as err:
                 move_aside(cache_file, f"malformed dense-evaluation entry: {err}")
         with self.recorder.stage("evaluate_dense", model):
-            results = evaluate(model, tokenizer, evaluation, heldout)
+            results = self._evaluate(model, tokenizer, heldout, "evaluate_dense")
         self.record.dense_from_cache = None
         if evaluation.cache_dense:
             atomic_write_json(cache_file, {"key": key, "results": results, "model": self.checked.config["model"]})
