@@ -53,6 +53,9 @@ METRICS = {
     "bi": ("bi", []),
     "gradmap": ("gradmap", []),
     "gradmap_plain": ("gradmap", ["metric.gradient_checkpointing=false", "metric.loss_chunk_tokens=0"]),
+    # one knob at a time: where the plain backward's memory goes (activation graph vs full-vocabulary logits)
+    "gradmap_ckpt_only": ("gradmap", ["metric.loss_chunk_tokens=0"]),
+    "gradmap_chunk_only": ("gradmap", ["metric.gradient_checkpointing=false"]),
     "gradmap_verify": ("gradmap_verify", []),
     "sleb": ("sleb", []),
 }
