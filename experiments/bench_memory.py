@@ -5,7 +5,7 @@ each layer in the backward (`metric.gradient_checkpointing=true`) and applies th
 positions (`metric.loss_chunk_tokens`, gradmap/lm_loss.py), so its peak should be close to a forward's. The
 `_plain` rows are the same metrics with both knobs off (this repository's behaviour before issue 17). Each mode runs
 in a fresh process (CPU: peak RSS over the loaded model; CUDA: max allocated over the loaded model), after one
-warm-up pass; metrics are built from their YAML (conf/metric), so the defaults measured are the shipped ones.
+warm-up pass (time: the median of `--repeat` passes); metrics are built from their YAML (conf/metric), so the defaults measured are the shipped ones.
 
     python -m experiments.bench_memory                       # SmolLM2-135M offline, 8 x 128 tokens
     python -m experiments.bench_memory --model tiny_random   # seconds, for a smoke check
@@ -26,6 +26,8 @@ MODES: dict[str, list[str] | None] = {
     "bi": ["metric=bi"],
     "gradmap": ["metric=gradmap"],
     "gradmap_plain": ["metric=gradmap", "metric.gradient_checkpointing=false", "metric.loss_chunk_tokens=0"],
+    "gradmap_ckpt_only": ["metric=gradmap", "metric.loss_chunk_tokens=0"],
+    "gradmap_chunk_only": ["metric=gradmap", "metric.gradient_checkpointing=false"],
     "gradmap_weights": ["metric=gradmap", "metric.target=weights", "metric.reduction=l2"],
     "taylor": ["metric=taylor"],
     "taylor_plain": ["metric=taylor", "metric.loss_chunk_tokens=0"],
@@ -34,7 +36,8 @@ MODES: dict[str, list[str] | None] = {
 REFERENCE = "bi"
 
 
-def _measure(mode: str, model_name: str, device: str, tokens: tuple[int, int], extra: list[str]) -> dict:
+def _measure(mode: str, model_name: str, device: str, tokens: tuple[int, int], extra: list[str],
+             repeat: int) -> dict:
     from pathlib import Path
 
     import torch
@@ -72,12 +75,15 @@ def _measure(mode: str, model_name: str, device: str, tokens: tuple[int, int], e
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else rss_bytes()
-    t0 = time.perf_counter()
+    times = []
     with PeakRSS() as rss:
-        once()
-        if cuda:
-            torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            once()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    seconds = sorted(times)[len(times) // 2]  # the median pass
     peak = torch.cuda.max_memory_allocated() if cuda else rss.peak
     return {"mode": mode, "seconds": seconds, "peak_over_loaded_bytes": peak - base, "loaded_bytes": base}
 
@@ -105,10 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every mode (e.g. dtype)")
+    p.add_argument("--repeat", type=int, default=3, help="timed passes after the warm-up (the median is reported)")
     p.add_argument("--_mode", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._mode:
-        print(json.dumps(_measure(args._mode, args.model, args.device, (args.batch, args.seq_len), args.override)))
+        print(json.dumps(_measure(args._mode, args.model, args.device, (args.batch, args.seq_len), args.override,
+                                  args.repeat)))
         return
     modes = [REFERENCE] + [m for m in args.modes if m != REFERENCE]
     rows = {}
@@ -118,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     for mode in modes:
         out = subprocess.run([sys.executable, "-m", "experiments.bench_memory", "--model", args.model, "--device",
                               args.device, "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--_mode", mode,
+                              "--repeat", str(args.repeat),
                               "--override", *args.override],
                              capture_output=True, text=True, env=env)
         if out.returncode != 0:
