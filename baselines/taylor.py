@@ -56,7 +56,7 @@ class BlockTaylor(LayerMetric):
     reuse = Reuse.RANKED  # one-shot (the paper): one scoring pass serves every n
 
     def __init__(self, protect_first: int, protect_last: int, iterative: bool = False, accum_dtype: str = "float32",
-                 gradient_checkpointing: bool = False, parameters: str = "weights", loss_chunk_tokens: int = 1024):
+                 gradient_checkpointing: bool = False, parameters: str = "weights", loss_chunk_tokens: int = 256):
         super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
         self.accum_dtype, self.dtype = accum_dtype, resolve_accum_dtype(accum_dtype)
         self.gradient_checkpointing = gradient_checkpointing

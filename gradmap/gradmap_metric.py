@@ -112,7 +112,7 @@ class GradMAPMetric(LayerMetric):
 
     def __init__(self, target: str = "activations", reduction: str = "first_order", iterative: bool = False,
                  accum_dtype: str = "float64", grad_accumulation: str = "full", gradient_checkpointing: bool = True,
-                 loss_chunk_tokens: int = 1024, protect_first: int = 0, protect_last: int = 0):
+                 loss_chunk_tokens: int = 256, protect_first: int = 0, protect_last: int = 0):
         super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
         if target not in REDUCTIONS:
             raise ConfigError("target", target, list(REDUCTIONS))

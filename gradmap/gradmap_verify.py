@@ -71,7 +71,7 @@ class GradMAPVerify(GradMAPMetric):
 
     def __init__(self, candidates: int = 4, target: str = "activations", reduction: str = "first_order",
                  accum_dtype: str = "float64", grad_accumulation: str = "full", gradient_checkpointing: bool = True,
-                 loss_chunk_tokens: int = 1024, protect_first: int = 1, protect_last: int = 1):
+                 loss_chunk_tokens: int = 256, protect_first: int = 1, protect_last: int = 1):
         super().__init__(target=target, reduction=reduction, iterative=True, accum_dtype=accum_dtype,
                          grad_accumulation=grad_accumulation, gradient_checkpointing=gradient_checkpointing,
                          loss_chunk_tokens=loss_chunk_tokens, protect_first=protect_first, protect_last=protect_last)
