@@ -68,6 +68,7 @@ class TopLevelSchema:
     cache_selection: bool = option()
     force: bool = option()
     tuning: bool = option()
+    extra_keys: list[str] = option()
 
 
 EXTRA_KEYS = "extra_keys"  # top-level keys a user adds on purpose (`+name=value`, e.g. for interpolations)
@@ -77,7 +78,7 @@ def check_top_keys(c: Mapping[str, Any]) -> None:
     """Every top-level key is known, or declared in `extra_keys` (so `+prune_rato=0.9` is a typo, refused), and
     none of the known ones was deleted (`~seed`)."""
     top = [f.name for f in dataclasses.fields(TopLevelSchema)]
-    extra = c.get(EXTRA_KEYS, [])
+    extra = c.get(EXTRA_KEYS) or []
     check_value(EXTRA_KEYS, extra, list[str])
     for key in top:
         if key not in c:
@@ -118,9 +119,9 @@ def _class_of(group: str, node: Mapping[str, Any]) -> Any:
     if not isinstance(target, str) or not target:
         raise ConfigError(f"{group}._target_", target, f"a class path (see conf/{group}/*.yaml)", problem="missing")
     if not is_allowed(group, target):  # checked as text: nothing unknown is ever imported or called
-        raise ConfigError(f"{group}._target_", target, list(allowed_targets(group)),
-                          problem=f"not a known {group} class",
-                          hint=f"register your own as a {ENTRY_POINT_GROUP} entry point or in ${ALLOW_ENV}")
+        raise ConfigError(f"{group}._target_", target, list(allowed_targets(group)), problem=f"not a {group} class",
+                          hint=f"register your own as a {ENTRY_POINT_GROUP} entry point or in ${ALLOW_ENV}"
+                          if group in ("metric", "compensation") else None)
     try:
         from hydra.utils import get_object
 
