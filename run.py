@@ -35,7 +35,8 @@ def main(cfg: DictConfig):
     choices = {g: hc.runtime.choices.get(g) for g in GROUPS}
     choices["experiment"] = hc.runtime.choices.get("experiment")
     sweep_dir = hc.sweep.dir if multirun else None
-    result = run_job(cfg, hc.runtime.output_dir, choices, overrides=list(hc.overrides.task), sweep_dir=sweep_dir)
+    overrides = OmegaConf.to_container(hc.overrides.task, resolve=False)  # as typed: `seed=${oops}` is a value
+    result = run_job(cfg, hc.runtime.output_dir, choices, overrides=overrides, sweep_dir=sweep_dir)
     report(result, multirun)
     if result.status == "interrupted":
         raise SystemExit(result.exit_code)  # stops a sweep too: the remaining jobs are not started
@@ -78,8 +79,8 @@ def cli() -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     import gradmap.sweep
-    from gradmap.errors import ConfigError
     from gradmap.jobs import quiet_broken_pipe
+    from gradmap.runfolder import FolderTaken
 
     user_wants_traces = bool(os.environ.get("HYDRA_FULL_ERROR"))
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -89,10 +90,8 @@ def cli() -> int:
     except KeyboardInterrupt as err:  # outside a job (e.g. during Hydra's set-up)
         print(f"[gradmap] interrupted: {err or 'Ctrl-C'}", file=sys.stderr)
         return 130
-    except ConfigError as err:  # refused before the job started (e.g. the run folder is locked by another process)
-        if user_wants_traces:
-            raise
-        print(f"[gradmap] error: {err}", file=sys.stderr)
+    except FolderTaken as taken:  # the run (or sweep) folder belongs to another process: refused before any write
+        print(f"[gradmap] error: {taken.error}", file=sys.stderr)
         return 2
     except (HydraException, OmegaConfBaseException) as err:
         if user_wants_traces:

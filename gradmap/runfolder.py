@@ -17,6 +17,15 @@ LOCK_NAME = ".gradmap.lock"
 _HELD: dict[Path, int] = {}  # folder -> the open, locked file (a lock lives as long as its descriptor)
 
 
+class FolderTaken(BaseException):
+    """Raised from a Hydra callback, which swallows every `Exception` (only warning about it): the folder belongs to
+    another process. `error` is the ConfigError to print; `run.py` exits 2."""
+
+    def __init__(self, error: ConfigError):
+        super().__init__(str(error))
+        self.error = error
+
+
 def lock_folder(folder: str | os.PathLike, key: str = "hydra.run.dir") -> bool:
     """Make this process the one owner of `folder` (created if needed) until `unlock_folder` or exit; a second
     process is refused with a ConfigError naming `key`. Returns False if this process held it already."""
@@ -89,7 +98,7 @@ def quiet_broken_pipe() -> None:
 
 # --------------------------------------------------------------------------------------- third-party caches
 
-_OURS: set[str] = set()  # variables this process set (a later job may move them; the user's are never touched)
+_OURS: dict[str, str] = {}  # variables this process set, and to what (a later job may move them; never the user's)
 
 
 def third_party_caches(cache: Path, run_dir: Path) -> dict[str, str]:
@@ -100,11 +109,10 @@ def third_party_caches(cache: Path, run_dir: Path) -> dict[str, str]:
               "WANDB_CONFIG_DIR": Path(run_dir) / "wandb" / "config"}
     set_now = {}
     for name, path in places.items():
-        users = name in os.environ and name not in _OURS or (name == "HF_DATASETS_CACHE" and "HF_HOME" in os.environ)
-        if users:
+        users = name in os.environ and os.environ[name] != _OURS.get(name)
+        if users or (name == "HF_DATASETS_CACHE" and "HF_HOME" in os.environ):
             continue
-        os.environ[name] = str(path)
-        _OURS.add(name)
+        os.environ[name] = _OURS[name] = str(path)
         set_now[name] = str(path)
     datasets = sys.modules.get("datasets.config")  # read at import: already imported, tell it too
     if datasets is not None and "HF_DATASETS_CACHE" in set_now:

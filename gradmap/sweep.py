@@ -21,7 +21,8 @@ from hydra.experimental.callback import Callback
 
 from gradmap.files import read_json
 from gradmap.jobs import RECORD, SWEEP_ENV, UNRECORDED, attempt_alive
-from gradmap.runfolder import lock_folder
+from gradmap.errors import ConfigError
+from gradmap.runfolder import FolderTaken, lock_folder
 from gradmap.record import RecordVersionError, RunRecord
 
 LAST_SUMMARY: Summary | None = None  # the summary of the sweep that ended last in this process (read by run.py)
@@ -82,12 +83,22 @@ class SweepSummary(Callback):
     so a second process on the same folder is refused before it touches anything."""
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
-        lock_folder(config.hydra.run.dir, "hydra.run.dir")
+        try:
+            lock_folder(config.hydra.run.dir, "hydra.run.dir")
+        except ConfigError as err:
+            raise FolderTaken(err) from None
+        except OSError:  # the folder cannot be created: Hydra says so itself, in one line (run.py)
+            pass
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         global LAST_SUMMARY
         LAST_SUMMARY = None
-        lock_folder(config.hydra.sweep.dir, "hydra.sweep.dir")
+        try:
+            lock_folder(config.hydra.sweep.dir, "hydra.sweep.dir")
+        except ConfigError as err:
+            raise FolderTaken(err) from None
+        except OSError:
+            pass
         UNRECORDED.clear()
         self.sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         os.environ[SWEEP_ENV] = self.sweep_id
