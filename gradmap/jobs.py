@@ -291,8 +291,9 @@ def _as_fault(err: BaseException, record: RunRecord, out_dir: Path | None = None
         where = Path(err.filename).resolve() if isinstance(err.filename, str) else None
         key = _folder_key(where, Path(out_dir or "."), record.config or {}) if where else "disk"
         folder = where.parent if where is not None and not where.is_dir() else where
+        verb = "opening" if err.errno == errno.EACCES else "writing"  # permission denied: reading or writing
         return ConfigError(key, str(folder) if folder else None, problem=f"{os.strerror(err.errno).lower()} "
-                           f"writing {where or 'a file'}", hint="free space or fix permissions there, then rerun")
+                           f"{verb} {where or 'a file'}", hint="free space or fix permissions there, then rerun")
     if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
         stage = record.failed_stage or "?"
         calib = record.config.get("calibration") or {}

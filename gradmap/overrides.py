@@ -12,7 +12,7 @@ from pathlib import Path
 from gradmap.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-MAX_DIRNAME = 200  # bytes; most file systems allow 255 per name
+MAX_DIRNAME = 240  # bytes; most file systems allow 255 per name (the job number and "_" come first)
 
 
 def override_key(override: str) -> str:
@@ -93,7 +93,9 @@ def safe_dirname(text: str) -> str:
     name = str(text).replace("/", "%2F").replace("\\", "%5C").replace("\0", "")
     if name in ("", ".", ".."):
         name = name.replace(".", "%2E") or "_"
-    if len(name.encode()) > MAX_DIRNAME:
-        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
-        name = name.encode()[:MAX_DIRNAME - 13].decode(errors="ignore") + "-" + digest
+    data = name.encode()
+    if len(data) > MAX_DIRNAME:  # keep both ends readable (overrides are sorted: the last ones are often the axes)
+        digest = hashlib.sha256(data).hexdigest()[:12]
+        keep = (MAX_DIRNAME - len(digest) - 2) // 2
+        name = (data[:keep].decode(errors="ignore") + "-" + digest + "-" + data[-keep:].decode(errors="ignore"))
     return name

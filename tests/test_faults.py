@@ -656,7 +656,8 @@ def test_safe_dirname_is_one_short_path_component():
     assert safe_dirname("num_prune=1,seed=0") == "num_prune=1,seed=0"  # the usual names do not change
     assert "/" not in safe_dirname("calibration.path=../../x") and safe_dirname("..") != ".."
     long = safe_dirname("k=" + "v" * 500)
-    assert len(long.encode()) <= 200 and long != safe_dirname("k=" + "v" * 499 + "w")
+    assert len(long.encode()) <= 240 and long != safe_dirname("k=" + "v" * 499 + "w")
+    assert safe_dirname("a=" + "x" * 400 + ",num_prune=9").endswith(",num_prune=9")  # both ends stay readable
 
 
 def test_a_misspelled_experiment_in_a_sweep_fails_it(tmp_path):
@@ -754,3 +755,21 @@ def test_a_registered_class_is_built_and_an_unknown_one_never_imported(monkeypat
     built = check_component("compensation", {"_target_": "tests.test_validation.OptionalKnobs", "width": 2,
                                              "name": None})
     assert built.width == 2
+
+
+def test_an_unwritable_cache_is_refused_before_work_when_the_run_writes_there(tmp_path, monkeypatch):
+    """A cache the run would write to (selections) but cannot: one line naming cache_dir at validation, before the
+    model is loaded; the same cache read-only with cache_selection=false is fine. (os.access is what the check
+    asks; it is told the folder is read-only, as it would be for a user other than root.)"""
+    import gradmap.path_checks
+
+    cache = (tmp_path / "cache").resolve()
+    (cache / "selections").mkdir(parents=True)
+    real = os.access
+    monkeypatch.setattr(gradmap.path_checks.os, "access",
+                        lambda p, mode: False if Path(p) == cache / "selections" and mode & os.W_OK else real(p, mode))
+    with pytest.raises(ConfigError, match=r"^cache_dir='.*': .*selections is not writable .*cache_selection=true"):
+        run(make_cfg(tmp_path, "num_prune=1"), tmp_path / "job", CHOICES)
+    rec = _record(tmp_path / "job")
+    assert rec["status"] == "failed" and rec["error"]["key"] == "cache_dir" and rec["timings"] is None
+    assert run(make_cfg(tmp_path, "num_prune=1", "cache_selection=false"), tmp_path / "job2", CHOICES)["status"] == "done"
