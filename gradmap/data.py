@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 _MAX_SHORT_DRAWS = 10_000
 # Memory bound of reading and tokenising: a document longer than this is read as consecutive pieces of at most
 # this many characters (cut before a whitespace), so one tokenizer call never sees more (the longest article of
-# the offline corpora has 99k). Peak memory is then about 3x the longest line of a file plus one piece's tokens.
+# the offline corpora has 99k). Peak memory is then about 4x the longest line of a file plus one piece's tokens.
 MAX_DOC_CHARS = 1_000_000
 
 

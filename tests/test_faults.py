@@ -505,9 +505,9 @@ def test_repeated_signals_raise_once():
 # ----------------------------------------------------------------------- second round: bounded input
 
 def test_a_100_mb_single_line_calibration_file_is_read_within_a_memory_bound(tmp_path):
-    """One 100 MB line: read and cut into 1M-character pieces, only the drawn pieces tokenized. The bound: 4x the
-    line (its text is held about three times while it is parsed and cut) plus 100 MB; tokenizing the whole line
-    (the old behaviour) holds 100M token ids, 8+ bytes each."""
+    """One 100 MB line: read and cut into 1M-character pieces, only the drawn pieces tokenized. The bound: 5x the
+    line (its bytes and text are held a few times while it is read, parsed and cut; 412 MiB measured) plus 100 MB;
+    tokenizing the whole line (the old behaviour) holds 100M token ids, 8+ bytes each (over 900 MB)."""
     path = tmp_path / "long_line.jsonl"
     chunk = "the river rises in the hills and flows to the sea " * 20_000  # 1 MB
     with open(path, "w") as fh:
@@ -533,8 +533,8 @@ print(json.dumps({{"grew": rss.peak - before, "shape": list(calib.input_ids.shap
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["shape"] == [4, 16] and out["distinct"] == 64
-    print(f"100 MB line: peak grew {out['grew'] / 2**20:.0f} MiB (bound {(4 * size + 100 * 2**20) / 2**20:.0f})")
-    assert out["grew"] < 4 * size + 100 * 2**20, out
+    print(f"100 MB line: peak grew {out['grew'] / 2**20:.0f} MiB (bound {(5 * size + 100 * 2**20) / 2**20:.0f})")
+    assert out["grew"] < 5 * size + 100 * 2**20, out
 
 
 def test_long_documents_are_cut_into_pieces_that_tokenize_alike():
