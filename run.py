@@ -19,6 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 # `${split:a-b,1}` -> "b": lets one sweep axis set two coupled options (see conf/experiment/ablation_gradmap.yaml).
 OmegaConf.register_new_resolver("split", lambda value, index: str(value).split("-")[int(index)], replace=True)
+# A sweep job's folder name: one path component whatever the values (gradmap.overrides.safe_dirname).
+OmegaConf.register_new_resolver("safe_dirname", lambda text: __import__("gradmap.overrides").overrides.safe_dirname(
+    text), replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -30,7 +33,10 @@ def main(cfg: DictConfig):
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     choices = {g: hc.runtime.choices.get(g) for g in GROUPS}
-    result = run_job(cfg, hc.runtime.output_dir, choices)
+    choices["experiment"] = hc.runtime.choices.get("experiment")
+    sweep_dir = hc.sweep.dir if multirun else None
+    overrides = OmegaConf.to_container(hc.overrides.task, resolve=False)  # as typed: `seed=${oops}` is a value
+    result = run_job(cfg, hc.runtime.output_dir, choices, overrides=overrides, sweep_dir=sweep_dir)
     report(result, multirun)
     if result.status == "interrupted":
         raise SystemExit(result.exit_code)  # stops a sweep too: the remaining jobs are not started
@@ -41,9 +47,14 @@ def main(cfg: DictConfig):
 
 def hydra_error_line(err: BaseException) -> str:
     """Hydra's and OmegaConf's multi-line composition errors as one line (the key is in the message)."""
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
     from gradmap.errors import one_line
+    from gradmap.overrides import lexer_error_line
 
+    if isinstance(err, OverrideParseException):
+        line = lexer_error_line([a for a in sys.argv[1:] if not a.startswith("-")])
+        if line is not None:
+            return one_line(line)
     if isinstance(err, MissingConfigException) and getattr(err, "options", None):
         first = str(err).strip().splitlines()[0]
         return one_line(f"{first}; allowed: {', '.join(err.options)}")
@@ -68,14 +79,20 @@ def cli() -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     import gradmap.sweep
+    from gradmap.jobs import quiet_broken_pipe
+    from gradmap.runfolder import FolderTaken
 
     user_wants_traces = bool(os.environ.get("HYDRA_FULL_ERROR"))
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    quiet_broken_pipe()  # `run.py | head -1`: the run goes on, its output to /dev/null once the reader is gone
     try:
         main()
     except KeyboardInterrupt as err:  # outside a job (e.g. during Hydra's set-up)
         print(f"[gradmap] interrupted: {err or 'Ctrl-C'}", file=sys.stderr)
         return 130
+    except FolderTaken as taken:  # the run (or sweep) folder belongs to another process: refused before any write
+        print(f"[gradmap] error: {taken.error}", file=sys.stderr)
+        return 2
     except (HydraException, OmegaConfBaseException) as err:
         if user_wants_traces:
             raise

@@ -41,9 +41,9 @@ import pandas as pd
 
 from experiments.frontier_plot import dense_reference, plot_frontier
 from experiments.stability import mean_jaccard
-from experiments.records import (LABEL_IGNORE, NoRecordsError, ReportedRun, choice, label_variants, load_records,
-                                 num, print_written, protocol, pruning_seconds, pruning_tokens, ratio_of,
-                                 result_columns)
+from experiments.records import (LABEL_IGNORE, NoRecordsError, ReportedRun, choice, failed_notes, failed_values,
+                                 label_variants, load_records, num, out_dir_problem, print_written, protocol,
+                                 pruning_seconds, pruning_tokens, ratio_of, result_columns)
 
 GROUP = ["model", "prune_ratio", "metric", "compensation", "budget_tokens", "calib_samples", "calib_seq_len"]
 COSTS = {"tokens": "pruning_tokens", "seconds": "pruning_seconds"}
@@ -125,6 +125,7 @@ def build_frontier(records: list[ReportedRun], ppl: list[str], cost: str = "toke
                      "compensation": comp, "budget_tokens": tokens, "calib_samples": samples,
                      "calib_seq_len": seq_len, "seed": rec.config.get("seed"),
                      **{c: num(pruned.get(c)) for c in ppl},
+                     **{f"{c} failed": c in failed_values(rec, "pruned", ppl) for c in ppl},
                      "pruning_tokens": pruning_tokens(rec), "pruning_seconds": pruning_seconds(rec),
                      "removed": frozenset(rec.removed_layers or [])})
     runs = pd.DataFrame(rows)
@@ -134,7 +135,10 @@ def build_frontier(records: list[ReportedRun], ppl: list[str], cost: str = "toke
                           for c in ppl},
                        pruning_tokens=("pruning_tokens", "mean"),
                        pruning_seconds=("pruning_seconds", "mean"),
-                       removed_jaccard=("removed", lambda s: mean_jaccard(list(s)))).reset_index()
+                       removed_jaccard=("removed", lambda s: mean_jaccard(list(s))),
+                       **{f"{c} failed": (f"{c} failed", "any") for c in ppl}).reset_index()
+    for c in ppl:  # a seed whose value is NaN makes the mean unknown (never the other seeds' mean)
+        table.loc[table[f"{c} failed"], [c, f"{c} sd"]] = math.nan
     spread = [x for c in ppl for x in (c, f"{c} sd")]
     table = table[GROUP + ["seeds"] + spread + ["pruning_tokens", "pruning_seconds", "removed_jaccard"]]
     cost_col = COSTS[cost]
@@ -283,6 +287,8 @@ def write_frontier(sweep_dirs: list[str | Path], out_dir: str | Path, texts: lis
         records = left
     ppl = ppl_columns(records, texts)
     table = build_frontier(records, ppl, cost)
+    notes += failed_notes(records, ppl, lambda r: f"{choice(r, 'metric')}+{choice(r, 'compensation')} "
+                          f"({choice(r, 'model')}, ratio {ratio_of(r):g})")[0]
     for (model, ratio), g in table.groupby(["model", "prune_ratio"]):
         few = g[g["seeds"] < g["seeds"].max()]
         for _, r in few.iterrows():
@@ -333,11 +339,19 @@ def main(argv: list[str] | None = None) -> int:
                              "seconds")
     args = parser.parse_args(argv)
     command = "python -m experiments.frontier " + shlex.join(sys.argv[1:] if argv is None else argv)
+    problem = out_dir_problem(args.out)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         summary, files, notes = write_frontier(args.sweep_dirs, args.out, args.text, args.cost, command,
                                                args.compensation)
     except (NoRecordsError, FrontierError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: --out {args.out}: cannot write the report ({err.strerror or err}: {err.filename})",
+              file=sys.stderr)
         return 2
     print_written(summary, notes, files)
     return 0

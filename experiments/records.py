@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -165,6 +166,37 @@ def num(v: Any) -> float:
 def mean(values: list[float]) -> float:
     values = [v for v in values if not math.isnan(v)]
     return sum(values) / len(values) if values else math.nan
+
+
+def failed_values(rec: RunRecord, side: str, cols: list[str]) -> list[str]:
+    """Columns the run measured and got no number for (null or NaN in its record: a diverged or failed
+    evaluation), as opposed to columns it did not measure at all. Such a value is never averaged away."""
+    head = ((rec.results or {}).get("headline") or {}).get(side) or {}
+    return [c for c in cols if c in head and not (isinstance(head[c], (int, float)) and not math.isnan(head[c]))]
+
+
+def failed_notes(records: list[RunRecord], cols: list[str], label: Any) -> tuple[list[str], list[tuple]]:
+    """For each run with a failed value: a note naming the run (its row, seed and record), and (run, column)."""
+    notes, cells = [], []
+    for rec in records:
+        for col in failed_values(rec, "pruned", cols):
+            cells.append((rec, col))
+            notes.append(f"{col} of {label(rec)} seed {rec.config.get('seed')} is NaN ({getattr(rec, 'path', '?')}): "
+                         "the row's mean is left empty, not averaged over the other seeds")
+    return notes, cells
+
+
+def out_dir_problem(out: str) -> str | None:
+    """Why `--out` cannot be the report's folder (one line), or None."""
+    path = Path(out).expanduser()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                return f"--out {out}: {folder} is a file, not a folder"
+            if not os.access(folder, os.W_OK | os.X_OK):
+                return f"--out {out}: {folder} is not writable"
+            return None
+    return None
 
 
 def result_columns(records: list[RunRecord]) -> tuple[list[str], list[str]]:

@@ -34,8 +34,8 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.records import (NoRecordsError, ReportedRun, load_records, mean, num, print_written, protocol,
-                                 pruning_seconds, pruning_tokens, result_columns, row_key)
+from experiments.records import (NoRecordsError, ReportedRun, failed_notes, load_records, mean, num, out_dir_problem,
+                                 print_written, protocol, pruning_seconds, pruning_tokens, result_columns, row_key)
 from experiments.report_plots import DENSE, plot_importance, plot_ppl_vs_ratio, plot_pruning_time
 
 __all__ = ["NoRecordsError", "build_table", "load_records", "main", "to_latex", "to_markdown", "write_report"]
@@ -88,6 +88,13 @@ def build_table(records: list[ReportedRun], baseline: str | None = None) -> tupl
     spread = groups[ppl].std(ddof=1).rename(columns=lambda c: f"{c} sd").reset_index()  # NaN for a single seed
     pruned = groups.agg({c: ("sum" if c == "runs" else "mean") for c in pruned.columns if c not in KEY}).reset_index()
     pruned = pruned.merge(spread, on=KEY)
+    nan_notes, cells = failed_notes(records, ppl + acc, lambda r: "+".join(row_key(r)[2:]) + f" ({row_key(r)[0]}, "
+                                    f"ratio {row_key(r)[1]:g})")
+    notes += nan_notes
+    for rec, col in cells:  # a failed seed makes the mean unknown: never the other seeds' mean under "N runs"
+        row = (pruned[KEY] == pd.Series(dict(zip(KEY, row_key(rec))))).all(axis=1)
+        spoilt = [col, f"{col} sd" if col in ppl else f"{col} se"] + (["task_avg", "retained_pct"] if col in acc else [])
+        pruned.loc[row, [c for c in spoilt if c in pruned.columns]] = math.nan
 
     ref = pruned.groupby(["model", "prune_ratio"])["pruning_seconds"].transform("max")
     if baseline:
@@ -243,10 +250,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="speedup reference: a metric (e.g. sleb) or metric+compensation; default the slowest")
     parser.add_argument("--wandb", action="store_true", help="also log table and plots to W&B (WANDB_MODE)")
     args = parser.parse_args(argv)
+    problem = out_dir_problem(args.out)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         markdown, files, notes = write_report(args.sweep_dirs, args.out, args.baseline, args.wandb)
     except NoRecordsError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, a file where a plot goes
+        print(f"error: --out {args.out}: cannot write the report ({err.strerror or err}: {err.filename})",
+              file=sys.stderr)
         return 2
     print_written(markdown, notes, files)
     return 0

@@ -41,7 +41,38 @@ def save_plain_checkpoint(model: Any, tokenizer: Any, out_dir: str | os.PathLike
         model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(out)
+    honour_umask(out)
     return out
+
+
+def honour_umask(folder: Path) -> None:
+    """Give every file and folder under `folder` the mode a plain `open()` / `mkdir` would (0666 / 0777 minus the
+    umask): safetensors writes weights 0600, which a group sharing a cache or a checkpoint cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def sweep_partial_saves(final: Path) -> None:
+    """Remove what an earlier save to `final` left behind (`.<name>.tmp-PID` / `.old-PID` of a process that is
+    gone: killed during the write)."""
+    for kind in ("tmp", "old"):
+        for stale in final.parent.glob(f".{final.name}.{kind}-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and _gone(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def save_pruned(model: Any, tokenizer: Any, save_dir: str | os.PathLike, info: Mapping[str, object]) -> Path:
@@ -49,6 +80,7 @@ def save_pruned(model: Any, tokenizer: Any, save_dir: str | os.PathLike, info: M
     `pruning_info.json` (which original layers were removed and how the model was compensated)."""
     out = save_plain_checkpoint(model, tokenizer, save_dir)
     (out / "pruning_info.json").write_text(json.dumps(dict(info), indent=2, default=str))
+    honour_umask(out)
     return out
 
 
@@ -60,6 +92,7 @@ def save_checkpoint(model: Any, tokenizer: Any, save_dir: str, info: dict[str, A
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        sweep_partial_saves(final)
         save_pruned(model, tokenizer, tmp, info)
         if final.exists():
             if not overwrite and (not final.is_dir() or any(final.iterdir())):
@@ -71,7 +104,7 @@ def save_checkpoint(model: Any, tokenizer: Any, save_dir: str, info: dict[str, A
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-    except ConfigError:
+    except (ConfigError, KeyboardInterrupt):  # refused, or Ctrl-C / SIGTERM during the write: nothing left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     except Exception as err:  # noqa: BLE001  (disk full, permissions, a serialisation error)

@@ -29,6 +29,33 @@ if TYPE_CHECKING:
 
 # Draws of a document shorter than a window before giving up (only reachable when almost every text is short).
 _MAX_SHORT_DRAWS = 10_000
+# Memory bound of reading and tokenising: a document longer than this is read as consecutive pieces of at most
+# this many characters (cut before a whitespace), so one tokenizer call never sees more (the longest article of
+# the offline corpora has 99k). Peak memory is then about 4x the longest line of a file plus one piece's tokens.
+MAX_DOC_CHARS = 1_000_000
+
+
+def split_long(text: str, limit: int = MAX_DOC_CHARS) -> list[str]:
+    """`text` as pieces of at most `limit` characters, each cut before a whitespace where there is one."""
+    if len(text) <= limit:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        cut = max(text.rfind(" ", start + limit // 2, start + limit), text.rfind("\n", start + limit // 2,
+                                                                               start + limit))
+        cut = cut if cut > start else start + limit
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _tokenize_bounded(tokenizer: Any, text: str) -> list[int]:
+    """`_tokenize` of a text of any length, one piece (`split_long`) at a time."""
+    ids: list[int] = []
+    for piece in split_long(text):
+        ids += _tokenize(tokenizer, piece)
+    return ids
 
 
 def _tokenize(tokenizer: Any, text: str) -> list[int]:
@@ -44,18 +71,53 @@ def read_jsonl_texts(path: str | Path, key: str = "path") -> list[str]:
         raise FileNotFoundError(f"data path {str(path)!r} does not exist")
     texts = []
     allowed = 'a JSONL file, one {"text": ...} object per line'
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ConfigError(key, str(path), allowed, problem=f"line {lineno} is not JSON ({err})") from err
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ConfigError(key, str(path), allowed, problem=f"line {lineno} has no 'text' string "
-                                      f"(keys: {sorted(record) if isinstance(record, dict) else type(record).__name__})")
-                texts.append(record["text"])
+    lineno = 0
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ConfigError(key, str(path), allowed,
+                                          problem=f"line {lineno} is not JSON ({brief(err, 120)})") from err
+                    del line  # a long line: keep one copy of its text, not two
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise ConfigError(key, str(path), allowed, problem=f"line {lineno} has no 'text' string "
+                                          f"(keys: {sorted(record) if isinstance(record, dict) else type(record).__name__})")
+                    texts += split_long(record.pop("text"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(key, str(path), "a UTF-8 text file", problem=f"line {lineno + 1} is not UTF-8 "
+                          f"(byte {err.object[err.start:err.start + 1]!r}: {err.reason})",
+                          hint="convert it, e.g. iconv -f latin1 -t utf-8") from err
     return texts
+
+
+def window_supply(texts: list[str], tokenizer: Any, memo: dict[int, list[int]], seq_len: int, need: int) -> int:
+    """Tokens of the documents that can hold a window (>= seq_len + 1 tokens), counted in file order until `need`
+    is reached (so at most `need` tokens plus one document are tokenized; they are memoised for the sampling)."""
+    total = 0
+    for doc, text in enumerate(texts):
+        if doc not in memo:
+            memo[doc] = _tokenize(tokenizer, text)
+        if len(memo[doc]) >= seq_len + 1:
+            total += len(memo[doc])
+        if total >= need:
+            break
+    return total
+
+
+def distinct_tokens(spans: list[tuple[int, int]], seq_len: int) -> int:
+    """How many distinct text positions the windows (document, start) cover (overlaps counted once)."""
+    total, by_doc = 0, {}
+    for doc, start in spans:
+        by_doc.setdefault(doc, []).append(start)
+    for starts in by_doc.values():
+        end = -1
+        for start in sorted(starts):
+            total += start + seq_len - max(start, end)
+            end = max(end, start + seq_len)
+    return total
 
 
 def _offline_texts(path: str | None, split: str, corpus: str = "wiki", key: str = "calibration.path") -> list[str]:
@@ -84,11 +146,13 @@ def _hub_texts(dataset: str, split: str) -> list[str]:
     return list(ds["text"])
 
 
-def sample_windows(texts: list[str], tokenizer: Any, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def sample_windows(texts: list[str], tokenizer: Any, num_samples: int, seq_len: int, seed: int,
+                   spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
     """`num_samples` random windows of `seq_len` tokens: random document (>= seq_len + 1 tokens), random offset.
 
     Documents are tokenized lazily and memoised, so only the drawn ones are tokenized (a few dozen articles, not
-    the whole corpus). The +1 keeps the SparseGPT recipe's room for a shifted target.
+    the whole corpus). The +1 keeps the SparseGPT recipe's room for a shifted target. More tokens than the texts
+    hold is refused (the windows would repeat the same text). `spans`: filled with each window's (document, start).
     """
     import torch
 
@@ -100,6 +164,13 @@ def sample_windows(texts: list[str], tokenizer: Any, num_samples: int, seq_len: 
         raise ConfigError("calibration.path", None, "a file with at least one text", problem="no calibration texts")
     rng = random.Random(seed)
     cache: dict[int, list[int]] = {}
+    need = num_samples * seq_len
+    supply = window_supply(texts, tokenizer, cache, seq_len, need)
+    if 0 < supply < need:
+        raise ConfigError("calibration.num_samples", num_samples, f"at most {supply // seq_len} windows of seq_len="
+                          f"{seq_len} for these texts", problem=f"{num_samples} x {seq_len} = {need} tokens, but the "
+                          f"calibration texts hold {supply} (windows would repeat the same text)",
+                          hint="lower calibration.num_samples or calibration.seq_len, or give more text")
     too_short: set[int] = set()
     windows: list[list[int]] = []
     short_draws = 0
@@ -122,6 +193,8 @@ def sample_windows(texts: list[str], tokenizer: Any, num_samples: int, seq_len: 
             continue
         start = rng.randrange(len(ids) - seq_len)
         windows.append(ids[start:start + seq_len])
+        if spans is not None:
+            spans.append((doc, start))
     return torch.tensor(windows, dtype=torch.long)
 
 
@@ -170,8 +243,10 @@ class HubCalibration:
 def _windows(cfg: WikiCalibration | HubCalibration, texts: list[str], tokenizer: Any) -> Calibration:
     from gradmap.metric import Calibration
 
-    input_ids = sample_windows(texts, tokenizer, int(cfg.num_samples), int(cfg.seq_len), int(cfg.seed))
-    return Calibration(input_ids=input_ids, batch_size=int(cfg.batch_size))
+    spans: list[tuple[int, int]] = []
+    input_ids = sample_windows(texts, tokenizer, int(cfg.num_samples), int(cfg.seq_len), int(cfg.seed), spans)
+    return Calibration(input_ids=input_ids, batch_size=int(cfg.batch_size),
+                       distinct_tokens=distinct_tokens(spans, int(cfg.seq_len)))
 
 
 CALIBRATION_CLASSES = (WikiCalibration, HubCalibration)
@@ -239,10 +314,10 @@ def load_heldout_tokens(spec: Any, tokenizer: Any, max_tokens: int | None, name:
                 if count >= max_tokens:
                     used = i + 1
                     break
-        ids = _tokenize(tokenizer, "\n\n".join(texts[:used]))
+        ids = _tokenize_bounded(tokenizer, "\n\n".join(texts[:used]))
         while max_tokens is not None and len(ids) < max_tokens and used < len(texts):
             used += 1  # joined tokenization merged across a boundary and came out a few tokens short
-            ids = _tokenize(tokenizer, "\n\n".join(texts[:used]))
+            ids = _tokenize_bounded(tokenizer, "\n\n".join(texts[:used]))
     if not ids:
         raise ConfigError(f"eval.heldout.texts.{name}", f"{corpus}/{split}", "a non-empty text", problem="empty")
     if max_tokens is not None:

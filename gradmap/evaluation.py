@@ -314,6 +314,11 @@ def evaluate(model: nn.Module, tokenizer: Any, evaluation: Evaluation, heldout: 
     seq_lens = list(ppl.seq_lens)
     if seq_lens and not heldout:
         raise ValueError(f"eval.perplexity.seq_lens={seq_lens} but no held-out text was given (eval.heldout.texts)")
+    for text in heldout if seq_lens else ():  # all checked before any is evaluated
+        if text.token_ids.numel() < max(seq_lens):
+            raise ConfigError(f"eval.heldout.texts.{text.name}", f"{text.corpus}/{text.split}", f"a text of at least "
+                              f"max(eval.perplexity.seq_lens) = {max(seq_lens)} tokens",
+                              problem=f"it has {text.token_ids.numel()} tokens, fewer than one window")
     for text in heldout if seq_lens else ():
         results["perplexity"][text.name] = {"corpus": text.corpus, "split": text.split, "seq_lens": {
             str(int(seq_len)): perplexity(model, text.token_ids, int(seq_len), batch_size=int(ppl.batch_size),

@@ -22,6 +22,7 @@ only: a refused run never imports torch.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -34,14 +35,19 @@ from typing import Any
 
 from gradmap.errors import OOM_HINT, ConfigError, brief, one_line
 from gradmap.files import atomic_write_json, move_aside, read_json
+from gradmap.overrides import check_overrides
 from gradmap.record import RecordVersionError, RunRecord
+from gradmap.runfolder import lock_folder, quiet_broken_pipe, third_party_caches, unlock_folder
 from gradmap.validation import resolve, validate
+
+__all__ = ["Interrupted", "JobRecord", "JobResult", "install_signal_handlers", "quiet_broken_pipe", "report", "run",
+           "run_job"]
 
 RECORD = "record.json"
 SWEEP_ENV = "GRADMAP_SWEEP_ID"  # set by gradmap.sweep.SweepSummary for the jobs of one sweep
 # Keys that say how to run a job, not what it computes: a finished job is skipped whatever their values (so a
 # record written before `save_overwrite` existed still counts as the same job).
-RUN_ONLY_KEYS = ("force", "save_overwrite")
+RUN_ONLY_KEYS = ("force", "save_overwrite", "extra_keys")
 
 
 def same_job(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -76,9 +82,19 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+_STOPPING: list[int] = []  # the signal being handled: later ones must not interrupt the recording of the first
+
+
 def install_signal_handlers() -> None:
-    """Ctrl-C and SIGTERM raise `Interrupted`, so the job records why it stopped (main thread only)."""
+    """Ctrl-C and SIGTERM raise `Interrupted`, so the job records why it stopped (main thread only). Only the
+    first signal raises: Ctrl-C pressed again while the job records its interruption is ignored (it would cut
+    the record's write short and leave it `running`)."""
+    _STOPPING.clear()
+
     def handler(signum, _frame):
+        if _STOPPING:
+            return
+        _STOPPING.append(signum)
         raise Interrupted(signum)
 
     try:
@@ -255,11 +271,36 @@ def _error_dict(err: BaseException, tb: str | None) -> dict[str, Any]:
     return out
 
 
-def _as_fault(err: BaseException, record: RunRecord) -> ConfigError | None:
-    """Faults a user meets at run time that are not bugs: out of memory."""
-    from gradmap.oom import is_oom  # torch is loaded by now: the error came from a run
+def _folder_key(path: Path, out_dir: Path, config: dict[str, Any]) -> str:
+    from gradmap.cache import cache_root_of
+    from gradmap.path_checks import resolve_path
 
-    if isinstance(err, MemoryError) or is_oom(err):  # where no retry applies (gradmap.oom retries the stages)
+    places = [("hydra.run.dir", out_dir), ("cache_dir", cache_root_of(config))]
+    if config.get("save_dir"):
+        places.append(("save_dir", Path(config["save_dir"])))
+    for key, folder in places:
+        folder = resolve_path(str(folder))
+        if path == folder or folder in path.parents:
+            return key
+    return "disk"
+
+
+def _is_oom(err: BaseException) -> bool:
+    from gradmap.oom import is_oom  # torch is loaded (checked by the caller): validation never imports it
+
+    return is_oom(err)
+
+
+def _as_fault(err: BaseException, record: RunRecord, out_dir: Path | None = None) -> ConfigError | None:
+    """Faults a user meets at run time that are not bugs: out of memory, a full or read-only disk."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        where = Path(err.filename).resolve() if isinstance(err.filename, str) else None
+        key = _folder_key(where, Path(out_dir or "."), record.config or {}) if where else "disk"
+        folder = where.parent if where is not None and not where.is_dir() else where
+        verb = "opening" if err.errno == errno.EACCES else "writing"  # permission denied: reading or writing
+        return ConfigError(key, str(folder) if folder else None, problem=f"{os.strerror(err.errno).lower()} "
+                           f"{verb} {where or 'a file'}", hint="free space or fix permissions there, then rerun")
+    if isinstance(err, MemoryError) or ("torch" in sys.modules and _is_oom(err)):  # where no retry applied
         stage = record.failed_stage or "?"
         calib = record.config.get("calibration") or {}
         return ConfigError("calibration.batch_size", calib.get("batch_size"),
@@ -267,19 +308,47 @@ def _as_fault(err: BaseException, record: RunRecord) -> ConfigError | None:
     return None
 
 
-def run_job(cfg: Any, out_dir: str | Path, choices: dict[str, str] | None = None,
-            raise_errors: bool = False) -> JobResult:
-    """Run one job in `out_dir` (see the module docstring). With `raise_errors`, a failure is recorded and then
-    raised (tests, scripts); otherwise it is returned as a JobResult with the one line to print and an exit code."""
-    from omegaconf import OmegaConf
+UNRECORDED: list[tuple[str, str]] = []  # sweep jobs refused before a record could be written (job folder, line)
 
+
+def run_job(cfg: Any, out_dir: str | Path, choices: dict[str, str] | None = None, raise_errors: bool = False,
+            overrides: list[str] | None = None, sweep_dir: str | Path | None = None) -> JobResult:
+    """Run one job in `out_dir` (see the module docstring). With `raise_errors`, a failure is recorded and then
+    raised (tests, scripts); otherwise it is returned as a JobResult with the one line to print and an exit code.
+    `overrides`: the command line's (checked: no key twice, a known experiment); `sweep_dir`: the sweep folder the
+    job folder must be inside."""
     choices = dict(choices or {})
+    locked = False
     try:
+        if sweep_dir is not None and not _inside(Path(out_dir), Path(sweep_dir)):
+            raise ConfigError("hydra.sweep.subdir", str(out_dir), f"a folder inside hydra.sweep.dir={sweep_dir}",
+                              problem="the job folder is outside the sweep folder")
+        locked = lock_folder(out_dir)  # one process per run folder (run.py took it already for a single run)
         job = JobRecord(out_dir)
-    except ConfigError as err:  # the folder holds a record this code must not overwrite
+    except ConfigError as err:  # the folder is another's, or holds a record this code must not overwrite
+        if locked:
+            unlock_folder(out_dir)
+        if sweep_dir is not None:
+            UNRECORDED.append((str(out_dir), str(err)))
         if raise_errors:
             raise
         return JobResult("failed", 2, str(err), RunRecord(choices=choices, status="failed"))
+    try:
+        return _run_job(cfg, Path(out_dir), choices, raise_errors, overrides, job)
+    finally:
+        if locked:
+            unlock_folder(out_dir)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return folder in path.parents
+
+
+def _run_job(cfg: Any, out_dir: Path, choices: dict[str, str], raise_errors: bool, overrides: list[str] | None,
+             job: JobRecord) -> JobResult:
+    from omegaconf import OmegaConf
+
     try:
         try:
             resolved = resolve(cfg)
@@ -292,7 +361,9 @@ def run_job(cfg: Any, out_dir: str | Path, choices: dict[str, str] | None = None
         if done is not None:
             return JobResult("skipped", 0, None, job.skip())
         job.begin(resolved, choices)
+        check_overrides(overrides, choices)
         checked = validate(resolved, run_dir=out_dir)
+        third_party_caches(checked.cache, Path(out_dir))
         from gradmap.runner import Run  # the heavy imports (torch, transformers) only once the config is valid
 
         rec = Run(cfg, Path(out_dir), choices, job, checked).execute()
@@ -312,7 +383,7 @@ def run_job(cfg: Any, out_dir: str | Path, choices: dict[str, str] | None = None
                                               "resumes", job.record)
     except Exception as err:  # noqa: BLE001  (recorded with its traceback, then reported in one line)
         tb = traceback.format_exc()
-        fault = _as_fault(err, job.record)
+        fault = _as_fault(err, job.record, out_dir)
         if fault is not None:
             job.end("failed", reason=str(fault), error={**_error_dict(fault, tb), "type": type(err).__name__})
             if raise_errors:

@@ -44,6 +44,7 @@ class Calibration:
 
     input_ids: torch.Tensor
     batch_size: int = 8
+    distinct_tokens: int | None = None  # text positions the windows cover (overlaps once), where sampled
 
     def __post_init__(self):
         # A non-positive micro-batch size would give no batches at all: every score 0, silently.

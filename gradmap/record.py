@@ -125,6 +125,7 @@ def upgrade_config_v0(config: dict[str, Any]) -> dict[str, Any]:
                     spec.setdefault("asset", str(name).removesuffix("_bigbench"))
                     spec.setdefault("file", "test.jsonl")
     _retarget(out, "logger", "kind", LOGGER_TARGETS)
+    out.setdefault("extra_keys", [])  # added later (a declaration, not part of what the run computes)
     return out
 
 

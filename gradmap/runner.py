@@ -190,7 +190,7 @@ class Run:
             calib = checked.calibration.load(tokenizer)
             heldout = load_heldout(checked.evaluation.heldout, tokenizer, tuning=checked.config["tuning"])
         rec.calibration = {"num_samples": int(calib.input_ids.shape[0]), "seq_len": int(calib.input_ids.shape[1]),
-                           "tokens": calib.num_tokens, "split": "calib"}
+                           "tokens": calib.num_tokens, "distinct_tokens": calib.distinct_tokens, "split": "calib"}
         rec.heldout = {t.name: {"corpus": t.corpus, "split": t.split, "tokens": int(t.token_ids.numel())}
                        for t in heldout}
 

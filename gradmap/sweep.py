@@ -20,7 +20,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from gradmap.files import read_json
-from gradmap.jobs import RECORD, SWEEP_ENV, attempt_alive
+from gradmap.jobs import RECORD, SWEEP_ENV, UNRECORDED, attempt_alive
+from gradmap.errors import ConfigError
+from gradmap.runfolder import FolderTaken, lock_folder
 from gradmap.record import RecordVersionError, RunRecord
 
 LAST_SUMMARY: Summary | None = None  # the summary of the sweep that ended last in this process (read by run.py)
@@ -76,11 +78,28 @@ def summarize(sweep_dir: str | Path, sweep_id: str | None) -> Summary:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: tag the sweep's jobs, then print the summary and remember it for the exit code."""
+    """Hydra callback: tag the sweep's jobs, then print the summary and remember it for the exit code. It also
+    makes this process the one owner of the run folder (or the sweep folder) before Hydra writes `.hydra/` there,
+    so a second process on the same folder is refused before it touches anything."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        try:
+            lock_folder(config.hydra.run.dir, "hydra.run.dir")
+        except ConfigError as err:
+            raise FolderTaken(err) from None
+        except OSError:  # the folder cannot be created: Hydra says so itself, in one line (run.py)
+            pass
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         global LAST_SUMMARY
         LAST_SUMMARY = None
+        try:
+            lock_folder(config.hydra.sweep.dir, "hydra.sweep.dir")
+        except ConfigError as err:
+            raise FolderTaken(err) from None
+        except OSError:
+            pass
+        UNRECORDED.clear()
         self.sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         os.environ[SWEEP_ENV] = self.sweep_id
 
@@ -88,6 +107,7 @@ class SweepSummary(Callback):
         global LAST_SUMMARY
         sweep_id = getattr(self, "sweep_id", None) or os.environ.get(SWEEP_ENV)
         LAST_SUMMARY = summarize(config.hydra.sweep.dir, sweep_id)
+        LAST_SUMMARY.failed += [(job, f"refused: {line}") for job, line in UNRECORDED]  # no record to find
         for line in LAST_SUMMARY.lines():
             print(line, flush=True)
         os.environ.pop(SWEEP_ENV, None)

@@ -40,7 +40,8 @@ from gradmap.lm_tasks import lm_eval_task_known, shipped_templates, task_name, t
 from gradmap.loggers import NullLogger, WandbLogger
 from gradmap.assets import check_asset
 from gradmap.models import MODEL_CLASSES, ModelInfo, TinyRandomModel
-from gradmap.path_checks import check_cache_dir, check_file, check_save_dir
+from gradmap.path_checks import check_cache_dir, check_cache_writable, check_file, check_save_dir
+from gradmap.targets import ALLOW_ENV, ENTRY_POINT_GROUP, allowed_targets, is_allowed
 from gradmap.schema import (DEVICE_PATTERN, DEVICES_ALLOWED, DTYPE_ALIASES, OFFLINE_CORPORA, TASKS_DIR, check_node,
                             check_value, is_optional, option)
 
@@ -67,6 +68,26 @@ class TopLevelSchema:
     cache_selection: bool = option()
     force: bool = option()
     tuning: bool = option()
+    extra_keys: list[str] = option()
+
+
+EXTRA_KEYS = "extra_keys"  # top-level keys a user adds on purpose (`+name=value`, e.g. for interpolations)
+
+
+def check_top_keys(c: Mapping[str, Any]) -> None:
+    """Every top-level key is known, or declared in `extra_keys` (so `+prune_rato=0.9` is a typo, refused), and
+    none of the known ones was deleted (`~seed`)."""
+    top = [f.name for f in dataclasses.fields(TopLevelSchema)]
+    extra = c.get(EXTRA_KEYS) or []
+    check_value(EXTRA_KEYS, extra, list[str])
+    for key in top:
+        if key not in c:
+            raise ConfigError(key, problem="missing (deleted with ~?)", allowed="a value (see conf/config.yaml)")
+    known = set(top) | set(GROUPS) | {EXTRA_KEYS}
+    for key in c:
+        if key not in known and key not in extra:
+            raise ConfigError(str(key), c[key], ", ".join(top + list(GROUPS)), problem="unknown key",
+                              hint=f"a key of your own must be declared too: {EXTRA_KEYS}=[{key}]")
 
 
 # ------------------------------------------------------------------------------------------ prune count
@@ -97,6 +118,10 @@ def _class_of(group: str, node: Mapping[str, Any]) -> Any:
     target = node.get("_target_") if isinstance(node, Mapping) else None
     if not isinstance(target, str) or not target:
         raise ConfigError(f"{group}._target_", target, f"a class path (see conf/{group}/*.yaml)", problem="missing")
+    if not is_allowed(group, target):  # checked as text: nothing unknown is ever imported or called
+        raise ConfigError(f"{group}._target_", target, list(allowed_targets(group)), problem=f"not a {group} class",
+                          hint=f"register your own as a {ENTRY_POINT_GROUP} entry point or in ${ALLOW_ENV}"
+                          if group in ("metric", "compensation") else None)
     try:
         from hydra.utils import get_object
 
@@ -145,6 +170,13 @@ def check_eval(ev: Evaluation, tuning: bool, cache: Path) -> None:
     for name, spec in texts.items():
         check_heldout_text(str(name), spec, tuning, cache)
     seq_lens = ev.perplexity.seq_lens
+    if not seq_lens and not ev.lm_eval.tasks:
+        raise ConfigError("eval.perplexity.seq_lens", seq_lens, "at least one window length, or eval.lm_eval.tasks",
+                          problem="nothing would be evaluated")
+    if texts and not seq_lens:
+        raise ConfigError("eval.perplexity.seq_lens", seq_lens, "at least one window length, or "
+                          "eval.heldout.texts={}", problem=f"held-out texts ({', '.join(map(str, texts))}) without a "
+                          "window length would be read and never evaluated")
     if seq_lens and not texts:
         raise ConfigError("eval.perplexity.seq_lens", seq_lens, "[] when eval.heldout.texts is empty",
                           problem="no held-out text to evaluate")
@@ -230,9 +262,10 @@ def _mps() -> bool:
 
 # ------------------------------------------------------------------------------ metric and compensation
 
-def check_component(group: str, node: Mapping[str, Any]) -> Any:
-    """Check a metric/compensation node against its class's `__init__` (keys and annotated types) and build it;
-    errors its constructor raises come back as ConfigError with the group prefix."""
+def check_component(group: str, node: Mapping[str, Any], build: bool = True) -> Any:
+    """Check a metric/compensation node against its class's `__init__` (keys, annotated types, every parameter
+    present: a deleted key would run with a value the record does not show) and, with `build`, build it; errors
+    its constructor raises come back as ConfigError with the group prefix."""
     cls = _class_of(group, node)
     init = cls.__init__ if inspect.isclass(cls) else cls
     params = {n: p for n, p in inspect.signature(init).parameters.items() if n != "self"}
@@ -251,9 +284,12 @@ def check_component(group: str, node: Mapping[str, Any]) -> Any:
                               problem="unknown key")
         if key in hints and (hints[key] in (bool, int, float, str) or is_optional(hints[key])):
             check_value(f"{group}.{key}", value, hints[key])
-    missing = [n for n in named if params[n].default is inspect.Parameter.empty and n not in node]
+    missing = [n for n in named if n not in node]
     if missing:
-        raise ConfigError(f"{group}.{missing[0]}", problem=f"missing (required by {cls.__name__})", allowed="a value")
+        raise ConfigError(f"{group}.{missing[0]}", problem=f"missing (a parameter of {cls.__name__}; deleted with ~?)",
+                          allowed="a value")
+    if not build:
+        return None
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
@@ -291,6 +327,22 @@ class Checked:
     notes: list[str] = field(default_factory=list)
 
 
+def input_paths(c: Mapping[str, Any]) -> dict[str, Path]:
+    """The files a run reads that its config names (key -> resolved path), from the raw config."""
+    from gradmap.path_checks import resolve_path
+
+    def node(value: Any) -> Mapping[str, Any]:
+        return value if isinstance(value, Mapping) else {}
+
+    found = {"calibration.path": node(c.get("calibration")).get("path")}
+    ev = node(c.get("eval"))
+    for name, spec in node(node(ev.get("heldout")).get("texts")).items():
+        found[f"eval.heldout.texts.{name}.path"] = node(spec).get("path")
+    for name, spec in node(node(ev.get("lm_eval")).get("local_tasks")).items():
+        found[f"eval.lm_eval.local_tasks.{name}.data"] = node(spec).get("data")
+    return {k: resolve_path(v) for k, v in found.items() if isinstance(v, str) and v.strip()}
+
+
 def resolve(cfg: Any) -> dict[str, Any]:
     """The config as plain containers, every interpolation resolved (a failing one is a ConfigError)."""
     from omegaconf import OmegaConf
@@ -315,8 +367,9 @@ def validate(cfg: Any, run_dir: str | Path | None = None, build: bool = True) ->
     for group in GROUPS:
         if not isinstance(c.get(group), Mapping):
             raise ConfigError(group, c.get(group), f"an option of conf/{group}/", problem="missing config group")
+    check_top_keys(c)
     top = [f.name for f in dataclasses.fields(TopLevelSchema)]
-    check_node("", {k: c[k] for k in top if k in c}, TopLevelSchema)
+    check_node("", {k: c[k] for k in top}, TopLevelSchema)
     cache = check_cache_dir(c["cache_dir"])
     from gradmap.assets import cache_root
 
@@ -324,7 +377,12 @@ def validate(cfg: Any, run_dir: str | Path | None = None, build: bool = True) ->
     save_dir = None
     if c["save_dir"] is not None:
         save_dir = check_save_dir(c["save_dir"], c["save_overwrite"], caches,
-                                  Path(run_dir).resolve() if run_dir is not None else None)
+                                  Path(run_dir).resolve() if run_dir is not None else None, input_paths(c))
+    writes = [k for k, on in (("cache_selection=true", c["cache_selection"]),
+                              ("eval.cache_dense=true", isinstance(c["eval"], Mapping)
+                               and c["eval"].get("cache_dense") is True)) if on]
+    if writes:
+        check_cache_writable(cache, ", ".join(writes))
     model = build_group("model", c["model"])
     if c["dtype"] is not None:
         model = dataclasses.replace(model, dtype=c["dtype"])
@@ -345,6 +403,8 @@ def validate(cfg: Any, run_dir: str | Path | None = None, build: bool = True) ->
     if not build:
         return checked
     checked.device = check_device(c["device"], model.dtype, model.device_map)
+    for group in ("metric", "compensation"):  # both checked before either constructor runs
+        check_component(group, c[group], build=False)
     checked.metric = check_component("metric", c["metric"])
     try:
         getattr(checked.metric, "check_budget", lambda *_: None)(info.num_layers, n)

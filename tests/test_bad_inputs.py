@@ -96,6 +96,49 @@ def job_running_elsewhere(tmp: Path) -> None:
          "process_start": process_start(os.getpid())}]}))
 
 
+def victim_file(tmp: Path) -> None:
+    """A file outside the run that a hostile `_target_` would truncate or delete."""
+    (tmp / "out").mkdir()
+    (tmp / "out" / "victim.txt").write_text("precious")
+
+
+def git_work_tree(tmp: Path) -> None:
+    (tmp / "repo" / ".git").mkdir(parents=True)
+    (tmp / "repo" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp / "repo" / "code.py").write_text("print('mine')\n")
+
+
+def checkpoint_with_git_inside(tmp: Path) -> None:
+    (tmp / "ckpt" / "sub" / ".git").mkdir(parents=True)
+    (tmp / "ckpt" / "pruning_info.json").write_text("{}")
+
+
+def data_folder(tmp: Path) -> None:
+    """Inputs in a folder of their own (which save_dir must never replace); it looks like a checkpoint, too."""
+    (tmp / "data").mkdir()
+    shutil.copy(TEXT, tmp / "data" / "calib.jsonl")
+    (tmp / "data" / "pruning_info.json").write_text("{}")
+    (tmp / "data" / "short.jsonl").write_text('{"text": "too short"}\n')
+    (tmp / "data" / "latin1.jsonl").write_bytes('{"text": "caf\u00e9 au lait, cr\u00e8me br\u00fbl\u00e9e"}\n'
+                                                 .encode("latin-1") * 40)
+    (tmp / "data" / "binary.jsonl").write_bytes(bytes(range(256)) * 16)
+
+
+_HELD: list = []  # locks this test process holds for a case (released at the case's end)
+
+
+def run_folder_locked(tmp: Path) -> None:
+    """Another process owns the run folder: its lock is held (here, by this test process)."""
+    import fcntl
+
+    (tmp / "run").mkdir()
+    fh = open(tmp / "run" / ".gradmap.lock", "w")
+    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    _HELD.append(fh)
+
+
 # ------------------------------------------------------------------------------------------------ cases
 # (id, class, overrides, key the line must name, set-up). Placeholders: {tmp}, {cache}, {run}; "!key" drops the
 # base override of that key.
@@ -199,7 +242,64 @@ CASES = [
     ("run_dir_under_file", "fault", ["!hydra.run.dir", "hydra.run.dir={tmp}/out/file.txt/run"], "hydra.run.dir",
      a_file),
 ]
-NO_RUN_FOLDER = {"run_dir_under_file"}  # besides Hydra's composition errors, the cases that stop before it exists
+# Second round (issue 16): one class per rule. target: only known classes are built, refused before any import;
+# save: save_dir replaces only what gradmap wrote; compose: strict composition; honest: runs that cannot be what
+# they say; owner: one process per run folder; bounded/early: input read in bounded pieces, faults said early in
+# one line naming the key.
+CASES += [
+    ("target_builtin_open", "target", ["metric._target_=builtins.open", "+metric.file={tmp}/out/victim.txt",
+                                       "+metric.mode=w"], "metric._target_", victim_file),
+    ("target_os_system", "target", ["compensation._target_=os.system", "+compensation.command='rm {tmp}/out/victim.txt'"],
+     "compensation._target_", victim_file),
+    ("target_rmtree_logger", "target", ["logger._target_=shutil.rmtree", "+logger.path={tmp}/out"], "logger._target_",
+     victim_file),
+    ("target_popen_model", "target", ["model._target_=subprocess.Popen"], "model._target_", None),
+    ("target_project_function", "target", ["metric._target_=gradmap.files.atomic_write_text",
+                                           "+metric.path={tmp}/out/victim.txt", "+metric.text=gone"],
+     "metric._target_", victim_file),
+    ("target_unlink_eval", "target", ["eval._target_=pathlib.Path.unlink"], "eval._target_", None),
+    ("save_git_work_tree", "save", ["save_dir={tmp}/repo", "save_overwrite=true"], "save_dir", git_work_tree),
+    ("save_inside_git_folder", "save", ["save_dir={tmp}/repo/.git/model"], "save_dir", git_work_tree),
+    ("save_holds_calibration_file", "save", ["!calibration.path", "calibration.path={tmp}/data/calib.jsonl",
+                                             "save_dir={tmp}/data", "save_overwrite=true"], "save_dir", data_folder),
+    ("save_holds_heldout_file", "save", ["!eval.heldout.texts.tiny.path", "eval.heldout.texts.tiny.path="
+                                         "{tmp}/data/calib.jsonl", "save_dir={tmp}/data", "save_overwrite=true"],
+     "save_dir", data_folder),
+    ("save_over_tests_folder", "save", ["save_dir={root}/tests", "save_overwrite=true"], "save_dir", None),
+    ("save_over_foreign_folder", "save", ["save_dir={tmp}/out/precious", "save_overwrite=true"], "save_dir",
+     non_empty_folder),
+    ("save_over_cwd_parent", "save", ["save_dir=..", "save_overwrite=true"], "save_dir", None),
+    ("save_checkpoint_holding_git", "save", ["save_dir={tmp}/ckpt", "save_overwrite=true"], "save_dir",
+     checkpoint_with_git_inside),
+    ("plus_top_level_typo", "compose", ["+prune_rato=0.9"], "prune_rato", None),
+    ("plus_nested_typo", "compose", ["+eval.heldout.max_token=5"], "eval.heldout.max_token", None),
+    ("experiment_misspelled", "compose", ["experiment=paper_mian"], "experiment", None),
+    ("group_given_twice", "compose", ["metric=bi", "metric=gradmap"], "metric", None),
+    ("value_given_twice", "compose", ["seed=1", "seed=2"], "seed", None),
+    ("metric_key_deleted", "compose", ["~metric.target"], "metric.target", None),
+    ("compensation_key_deleted", "compose", ["~compensation.alpha"], "compensation.alpha", None),
+    ("top_key_deleted", "compose", ["~cache_selection"], "cache_selection", None),
+    ("extra_keys_not_a_list", "compose", ["extra_keys=5"], "extra_keys", None),
+    ("lexer_tilde", "compose", ["seed=~1"], "seed", None),
+    ("lexer_zero_width", "compose", ["seed=1\u200b"], "seed", None),
+    ("lexer_full_width_digit", "compose", ["num_prune=\uff11"], "num_prune", None),
+    ("calibration_beyond_supply", "honest", ["calibration.num_samples=1024"], "calibration.num_samples", None),
+    ("perplexity_windows_empty", "honest", ["eval.perplexity.seq_lens=[]"], "eval.perplexity.seq_lens", None),
+    ("heldout_text_shorter_than_window", "honest", ["!eval.heldout.texts.tiny.path", "eval.heldout.max_tokens=null",
+                                                    "eval.heldout.texts.tiny.path={tmp}/data/short.jsonl"],
+     "eval.heldout.texts.tiny", data_folder),
+    ("run_folder_locked", "owner", [], "hydra.run.dir", run_folder_locked),
+    ("sweep_folder_locked", "owner", ["-m", "!hydra.run.dir", "hydra.sweep.dir={run}", "num_prune=1,2"],
+     "hydra.sweep.dir", run_folder_locked),
+    ("calibration_latin1", "bounded", ["!calibration.path", "calibration.path={tmp}/data/latin1.jsonl"],
+     "calibration.path", data_folder),
+    ("calibration_binary", "bounded", ["!calibration.path", "calibration.path={tmp}/data/binary.jsonl"],
+     "calibration.path", data_folder),
+]
+# Besides Hydra's composition errors, the cases that stop before the job starts (no record.json): a run folder
+# under a file, an override Hydra cannot parse, a run folder another process owns.
+NO_RUN_FOLDER = {"run_dir_under_file", "lexer_tilde", "lexer_zero_width", "lexer_full_width_digit",
+                 "run_folder_locked", "sweep_folder_locked"}
 
 
 def snapshot(root: Path, skip: Path) -> dict[str, tuple]:
@@ -220,8 +320,11 @@ def snapshot(root: Path, skip: Path) -> dict[str, tuple]:
 
 
 def cli_args(overrides: list[str], **places: Path) -> list[str]:
-    drop = {o[1:] for o in overrides if o.startswith("!")}
-    args = [a for a in BASE if a.split("=", 1)[0] not in drop] + [o for o in overrides if not o.startswith("!")]
+    # An override replaces the base's value of its key ("!key" drops it): the same key twice is refused.
+    drop = {o[1:] for o in overrides if o.startswith("!")} | {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra's own flags (-m) come before the overrides
+    args = flags + [a for a in BASE if a.split("=", 1)[0] not in drop] + [o for o in overrides
+                                                                         if not o.startswith(("!", "-"))]
     for name, value in places.items():
         args = [a.replace("{" + name + "}", str(value)) for a in args]
     return args
@@ -240,9 +343,9 @@ def test_the_battery_covers_every_class_more_than_once():
     classes: dict[str, int] = {}
     for _, cls, *_ in CASES:
         classes[cls] = classes.get(cls, 0) + 1
-    assert len(CASES) >= 40
+    assert len(CASES) >= 40 + 33
     assert set(classes) == {"type", "range", "choice", "model", "device", "task", "hydra", "asset", "path", "save",
-                            "fault"}
+                            "fault", "target", "compose", "honest", "owner", "bounded"}
     assert all(n >= 2 for n in classes.values()), classes
 
 
@@ -254,11 +357,16 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path):
     (tmp_path / "home_cache").mkdir()
     if setup is not None:
         setup(tmp_path)
-    args = cli_args(overrides, tmp=tmp_path, cache=cache, run=run)
+    args = cli_args(overrides, tmp=tmp_path, cache=cache, run=run, root=ROOT)
     record_before = (run / "record.json").read_text() if (run / "record.json").exists() else None
     before = snapshot(tmp_path, run)
+    tests_before = snapshot(ROOT / "tests", ROOT / "tests" / "__pycache__")
 
-    proc = run_cli(args, work, {"GRADMAP_CACHE": str(tmp_path / "home_cache")})
+    try:
+        proc = run_cli(args, work, {"GRADMAP_CACHE": str(tmp_path / "home_cache")})
+    finally:
+        while _HELD:
+            _HELD.pop().close()
 
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:], proc.stdout[-1000:])
@@ -270,6 +378,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path):
     else:  # ours: the line starts with the key
         assert lines[0].startswith(f"[gradmap] error: {key}"), (key, lines[0])
     assert snapshot(tmp_path, run) == before, "something outside the run folder changed"
+    assert snapshot(ROOT / "tests", ROOT / "tests" / "__pycache__") == tests_before, "the project's tests/ changed"
     record = run / "record.json"
     if record_before is not None:  # the live job's record is not touched
         assert record.read_text() == record_before

@@ -141,9 +141,10 @@ def test_corrupt_selection_cache_is_recomputed(tmp_path):
     assert json.loads(path.read_text())["selections"]["1"]["removal_order"] == rec["selection"]["removal_order"]
 
 
-def test_incompatible_pairing_is_refused_before_scoring(tmp_path):
+def test_incompatible_pairing_is_refused_before_scoring(tmp_path, monkeypatch):
     from gradmap.compensation import IncompatibleCompensationError
 
+    monkeypatch.setenv("GRADMAP_ALLOW_TARGETS", "tests.test_runner.RefusingCompensation")  # registered on purpose
     cfg = make_cfg(tmp_path)
     OmegaConf.update(cfg, "compensation", {"_target_": "tests.test_runner.RefusingCompensation"}, merge=False)
     with pytest.raises(IncompatibleCompensationError, match="refuses"):

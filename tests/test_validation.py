@@ -74,8 +74,9 @@ class OptionalKnobs:
 
 @pytest.mark.parametrize("key, value, ok", [("width", 3, True), ("width", None, True), ("name", "a", True),
                                             ("width", "wide", False), ("width", 2.5, False), ("name", 4, False)])
-def test_component_optional_annotations_are_checked(key, value, ok):
-    node = {"_target_": f"{__name__}.OptionalKnobs", key: value}
+def test_component_optional_annotations_are_checked(key, value, ok, monkeypatch):
+    monkeypatch.setenv("GRADMAP_ALLOW_TARGETS", f"{__name__}.OptionalKnobs")  # a user's class, registered
+    node = {"_target_": f"{__name__}.OptionalKnobs", "width": None, "name": None, key: value}
     if ok:
         assert getattr(check_component("metric", node), key) == value
     else:
@@ -128,6 +129,9 @@ def test_save_dir_checks(tmp_path):
     assert check_save_dir(str(tmp_path / "new" / "model"), False, [cache], None) == tmp_path / "new" / "model"
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(ConfigError, match="gradmap did not write"):  # overwrite replaces only its own checkpoints
+        check_save_dir(str(tmp_path / "full"), True, [cache], None)
+    (tmp_path / "full" / "pruning_info.json").write_text("{}")
     assert check_save_dir(str(tmp_path / "full"), True, [cache], None) == tmp_path / "full"
     for bad, overwrite, match in ((cache / "m", False, "inside the asset cache"), (tmp_path, False, "contains"),
                                   (tmp_path / "full", False, "non-empty"), (tmp_path / "full" / "x", False, "file")):
