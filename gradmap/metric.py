@@ -186,6 +186,9 @@ class LayerMetric(ABC):
 
     name = "metric"
     reuse: ClassVar[Reuse] = Reuse.RANKED  # how a cached selection serves another num_prune (see Reuse)
+    # Raised when a metric's decisions or their recorded cost change for the same config: part of the selection
+    # cache key (`gradmap.cache.selection_key`), so entries computed before are not reused; 0 adds nothing to it.
+    scoring_revision: ClassVar[int] = 0
 
     def __init__(self, iterative: bool = False, protect_first: int = 0, protect_last: int = 0):
         for key, value in (("protect_first", protect_first), ("protect_last", protect_last)):
