@@ -43,7 +43,8 @@ class PerplexityDrop(LayerMetric):
     Args:
         iterative: False by default: Shortened LLaMA scores once and removes the n lowest (SLEB is the iterative
             variant, `baselines.sleb.SLEB`).
-        protect_first / protect_last: layers never pruned; 0 / 0 here (`ppl_plus` is the official pipeline's 4 / 2).
+        protect_first / protect_last: layers never pruned; no default, the YAMLs differ in them: `ppl` 0 / 0 (the
+            criterion alone), `ppl_plus` 4 / 2 (the official pipeline).
             Protected layers are still scored, as in the official pipeline (`src/anal_block_sensitivity_ppl.py` in
             Nota-NetsPresso/shortened-llm scores every block; `src/block_prune.py` then drops the first 4 and last
             2 from the order), so every decision has a score for every present layer.
@@ -52,7 +53,7 @@ class PerplexityDrop(LayerMetric):
     name = "ppl"
     reuse = Reuse.RANKED  # one-shot (the paper): one scoring pass serves every n
 
-    def __init__(self, iterative: bool = False, protect_first: int = 0, protect_last: int = 0):
+    def __init__(self, protect_first: int, protect_last: int, iterative: bool = False):
         super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
 
     def score(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
