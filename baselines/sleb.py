@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from baselines.ppl import PerplexityDrop
-from gradmap.metric import Reuse
+import torch
+from torch import nn
+
+from baselines.ppl import PerplexityDrop, removal_perplexities
+from gradmap.metric import Calibration, Cost, Reuse
 
 
 class SLEB(PerplexityDrop):
@@ -13,24 +16,41 @@ class SLEB(PerplexityDrop):
     Jiwon Song, Kyungseok Oh, Taesu Kim, Hyungjun Kim, Yulhwa Kim, Jae-Joon Kim, arXiv 2402.09025,
     https://arxiv.org/abs/2402.09025
 
-    Formula: at step k, for every block l still present, score_l = PPL(current model without l) =
-    exp(mean next-token CE over the calibration tokens); the lowest is removed and the smaller model is rescored.
-    Scoring is `PerplexityDrop.score`; only the defaults differ (iterative, first and last block protected), so
-    pruning n of L blocks costs L + (L-1) + ... + (L-n+1) passes over the calibration set.
+    Formula: at step k, for every block l still present that may be removed, score_l = PPL(current model without l)
+    = exp(mean next-token CE over the calibration tokens); the lowest is removed and the smaller model is rescored.
+    As in the official search (`sleb.py` in jiwonsong-dev/SLEB: `for j in range(early_barrier,
+    search_bound - latter_barrier)`), the protected blocks are not scored at all (None in the decision), so pruning
+    n of L blocks with P protected costs (L-P) + (L-P-1) + ... + (L-P-n+1) passes over the calibration set.
 
     Direction: the score is the perplexity; the lowest (the removal that hurts least) is pruned.
 
     Args:
         iterative: True by default: the paper recomputes the redundancy after every elimination.
-        protect_first / protect_last: blocks never pruned; 1 / 1 by default as in the official code (`sleb.py` in
-            jiwonsong-dev/SLEB: `early_barrier=1`, `latter_barrier=1`; the search skips the first and the last
-            *remaining* block). Since those are never removed they stay the original first and last blocks, so
-            protecting original blocks 0 and L-1 is the same rule. The official search also skips scoring them;
-            here they are still scored (two extra calibration passes per step), only never removed.
+        protect_first / protect_last: blocks never pruned nor scored; 1 / 1 by default as in the official code
+            (`early_barrier=1`, `latter_barrier=1`; the search skips the first and the last *remaining* block).
+            Since those are never removed they stay the original first and last blocks, so protecting original
+            blocks 0 and L-1 is the same rule.
     """
 
     name = "sleb"
     reuse = Reuse.RANKED  # iterative (the paper): a greedy order, reused as a prefix
+    # Selections cached before revision 1 scored the protected blocks too (same removals, ~7% more tokens): their
+    # token counts would be stale, so the revision is part of the selection cache key (`gradmap.cache`).
+    scoring_revision = 1
 
     def __init__(self, iterative: bool = True, protect_first: int = 1, protect_last: int = 1):
         super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
+
+    def layer_scores(self, model: nn.Module, calib: Calibration, cost: Cost, kept: list[int],
+                     original_count: int) -> list[float | None]:
+        """The removal perplexity of each present block that may be removed; None for removed and protected ones."""
+        allowed = set(self.prunable(original_count))
+        positions = [pos for pos, orig in enumerate(kept) if orig in allowed]
+        scores = removal_perplexities(model, calib, positions, self.name)
+        if not torch.isfinite(scores).all():
+            raise RuntimeError(f"sleb: non-finite calibration perplexity {scores.tolist()} for layers "
+                               f"{[kept[p] for p in positions]}")
+        full: list[float | None] = [None] * original_count
+        for pos, value in zip(positions, scores.tolist()):
+            full[kept[pos]] = value
+        return full

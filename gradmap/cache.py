@@ -15,6 +15,7 @@ dense result without the texts and window lengths asked for), is reported in one
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 from collections.abc import Callable
@@ -42,14 +43,30 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
+def scoring_revision(target: str | None) -> int:
+    """The `scoring_revision` of the metric class a config's `_target_` names (0 if it names none or cannot be
+    imported: validation refuses such a config before any key is needed)."""
+    module, _, name = (target or "").rpartition(".")
+    try:
+        return int(getattr(getattr(importlib.import_module(module), name), "scoring_revision", 0))
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return 0
+
+
 def selection_key(cfg: DictConfig) -> str:
-    """Hash of what determines a metric's decisions; the prune ratio and the compensation are deliberately out."""
-    return stable_hash({
+    """Hash of what determines a metric's decisions; the prune ratio and the compensation are deliberately out.
+    A metric whose scoring changed (`LayerMetric.scoring_revision` > 0) adds its revision, so older entries are not
+    reused; every other key is as before."""
+    parts = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "metric": OmegaConf.to_container(cfg.metric, resolve=True),
         "calibration": OmegaConf.to_container(cfg.calibration, resolve=True),
         "seed": cfg.seed, "dtype": cfg.get("dtype"), "v": CACHE_VERSION,
-    })
+    }
+    revision = scoring_revision(cfg.metric.get("_target_"))
+    if revision:
+        parts["scoring_revision"] = revision
+    return stable_hash(parts)
 
 
 def interleaved_key(cfg: DictConfig) -> str:

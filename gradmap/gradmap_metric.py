@@ -1,9 +1,10 @@
-"""GradMAP stage 1: the gradient metric.
+"""GradMAP as implemented here, stage 1: the gradient metric (our reading; the paper's formulas are not public).
 
 GradMAP: Faster Layer Pruning with Gradient Metric and Projection Compensation (arXiv 2602.14649,
 https://arxiv.org/abs/2602.14649). One backward pass of the next-token cross-entropy over the calibration tokens
-scores every layer at once (a global assessment); iteratively, the least important layer is removed and the
-smaller model is rescored, so pruning n layers costs n forward+backward passes.
+scores every layer at once (a global assessment). The paper's abstract rescores after each removal (n
+forward+backward passes for n layers, `iterative=True`) from gradient magnitudes (`target=weights`); the default
+here, chosen on validation text, is one-shot with the first-order activation score (README: how it differs).
 
 The paper does not publish the exact reduction, so it is configurable (`target` x `reduction`):
 

@@ -19,9 +19,10 @@ One decision (iterative: one per removed layer; the smaller model is rescreened 
 
 Limits: k=1 is GradMAP (the verification pass is skipped: one candidate needs no check); when k >= the number of
 prunable layers still present, every one of them is verified, so the screening pass cannot change the choice and is
-skipped: that decision is exactly SLEB's. Cost per decision: N forward + N backward tokens for the screen plus
-min(k, prunable present) * N forward tokens for the verification (N = calibration tokens), against SLEB's
-(present layers) * N forward tokens.
+skipped: that decision is exactly SLEB's, scores and cost alike. Cost per decision: N forward + N backward tokens
+for the screen plus min(k, prunable present) * N forward tokens for the verification (N = calibration tokens),
+against SLEB's (prunable present) * N forward tokens (SLEB, as its official code, scores only the blocks it may
+remove).
 
 What a `Decision` holds (indexed by original layer, None = removed or not measured):
   scores          the verified calibration perplexities of the candidates, None elsewhere (SLEB's score: the

@@ -190,6 +190,9 @@ class LayerMetric(ABC):
     # The scores do not depend on `calibration.batch_size` (micro-batches), so an out-of-memory error may be retried
     # with smaller ones (gradmap.oom); a metric whose scores do depend on it says False.
     micro_batch_is_memory_knob: ClassVar[bool] = True
+    # Raised when a metric's decisions or their recorded cost change for the same config: part of the selection
+    # cache key (`gradmap.cache.selection_key`), so entries computed before are not reused; 0 adds nothing to it.
+    scoring_revision: ClassVar[int] = 0
 
     def __init__(self, iterative: bool = False, protect_first: int = 0, protect_last: int = 0):
         for key, value in (("protect_first", protect_first), ("protect_last", protect_last)):

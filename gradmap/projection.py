@@ -1,9 +1,11 @@
-"""GradMAP stage 2: projection compensation.
+"""GradMAP as implemented here, stage 2: projection compensation (our reading; the paper's formulas are not public).
 
 GradMAP: Faster Layer Pruning with Gradient Metric and Projection Compensation (arXiv 2602.14649,
 https://arxiv.org/abs/2602.14649). After removal, the pruned model's hidden states drift from the dense ones.
-Compensation finds where the drift is largest and corrects it in one step with a square projection matrix folded
-into an existing weight, so the pruned model has no extra parameters.
+The paper's abstract: compensation finds where the drift is largest and corrects it in one step with a projection
+matrix. Here a square projection is folded into an existing weight (no extra parameters) at every kept layer before
+a gap by default (`sites=before_gap`; the literal one-site reading is `sites=largest`), with a ridge pull toward the
+identity and a guard, all chosen on validation text.
 
 Our interpretation (the paper's exact formulas are not public):
 

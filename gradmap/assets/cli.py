@@ -13,7 +13,7 @@ from gradmap.assets.registry import ASSETS, DEFAULT_ASSETS
 from gradmap.assets.store import asset_dir, ensure, is_complete, status, use_cache_root, verify
 
 USAGE = """\
-    python -m gradmap.assets                 # smollm2_135m wiki news social_iqa
+    python -m gradmap.assets                 # smollm2_135m wiki wiki_cloze news social_iqa
     python -m gradmap.assets --all           # ... and gemma3_270m
     python -m gradmap.assets --list          # what is cached, and where
     python -m gradmap.assets --verify        # check every cached asset's files (sizes and sha256)

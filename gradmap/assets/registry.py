@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gradmap.assets.fetch import PACKAGES
+from gradmap.assets.cloze import build_cloze_from_wheel
 from gradmap.assets.gguf import GEMMA3_PARTS, build_gemma3, build_smollm2
 from gradmap.assets.social_iqa import build_social_iqa
 from gradmap.assets.wiki import WIKI_SPLITS, build_news_from_wheel, build_wiki_from_wheel
@@ -38,6 +39,9 @@ ASSETS: dict[str, Asset] = {
     "wiki": Asset(("gensim",), lambda p, out: build_wiki_from_wheel(p[0], out),
                   "English Wikipedia extract, calib/validation/test.jsonl (from gensim==4.4.0 test data)", recipe=2,
                   files=tuple(f"{split}.jsonl" for split in WIKI_SPLITS) + ("stats.json",)),
+    "wiki_cloze": Asset(("gensim",), lambda p, out: build_cloze_from_wheel(p[0], out),
+                        "last-word cloze on the wiki validation/test articles, validation.jsonl / test.jsonl "
+                        "(from gensim==4.4.0 test data)", files=("validation.jsonl", "test.jsonl", "meta.json")),
     "news": Asset(("gensim",), lambda p, out: build_news_from_wheel(p[0], out),
                   "Lee corpus, 300 ABC news articles, test.jsonl (from gensim==4.4.0 test data)",
                   files=("test.jsonl", "stats.json")),
