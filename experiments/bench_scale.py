@@ -96,7 +96,8 @@ def run_metric(name: str, folder: Path, runs: Path, args: argparse.Namespace) ->
     out = runs / name
     cmd = [sys.executable, str(ROOT / "run.py"), "model=llama2_7b", f"model.pretrained={folder}",
            f"model.dtype={args.dtype}", f"device={args.device}", f"metric={metric}", *extra, "compensation=none",
-           "logger=none", "eval=validation", "tuning=true", f"eval.heldout.max_tokens={args.eval_tokens}",
+           "logger=none", "eval=validation", "tuning=true", "eval.lm_eval.tasks=[]",
+           f"eval.heldout.max_tokens={args.eval_tokens}",
            f"calibration.seq_len={args.seq_len}", f"calibration.num_samples={args.num_samples}",
            f"calibration.batch_size={args.batch_size}", f"num_prune={args.num_prune}", "cache_selection=false",
            f"hydra.run.dir={out}", *([] if args.device.startswith("cuda") else ["model.device_map=null"]),
