@@ -24,6 +24,21 @@ for the screen plus min(k, prunable present) * N forward tokens for the verifica
 against SLEB's (prunable present) * N forward tokens (SLEB, as its official code, scores only the blocks it may
 remove).
 
+Budget options (issue #18; every default reproduces the above exactly; costs in the README's gradmap_verify section):
+  verify_fraction f < 1: successive halving (`gradmap.verify_budget`): the candidates are measured on the first
+      ceil(f x W) of the W calibration windows (a fixed order drawn from `verify_seed`), the better half (ceil) kept,
+      the windows doubled (nested: a survivor is measured only on the windows it has not seen), until one is left;
+      it is removed. Verification cost: seq_len x sum over candidates of the windows each reached (k=4, f=1/8:
+      (1+1+2+2) windows = 0.75 N instead of 4 N). Also applies when every prunable layer is a candidate (SLEB's
+      case), so k >= all with f=1 is still SLEB.
+  screen_every m > 1: a fresh screen only every m decisions; in between, the candidates are the k lowest of the
+      last screen among the layers still present (no backward: N forward + N backward tokens saved per reuse).
+      rescreen_at_cut: also screen anew after a decision whose winner was the last layer of its shortlist.
+  verify_signal: `full` (every next-token prediction), `last` (the last `verify_positions` predictions of each
+      window) or `random` (`verify_positions` positions drawn once from `verify_seed`, the same in every window).
+      A causal model must still run the whole window, so the forward tokens are the same; only the LM head runs
+      on fewer positions (`logits_to_keep`).
+
 What a `Decision` holds (indexed by original layer, None = removed or not measured):
   scores          the verified calibration perplexities of the candidates, None elsewhere (SLEB's score: the
                   perplexity *is* the importance, higher = keep); when no verification pass ran (k=1), the GradMAP
@@ -33,21 +48,26 @@ What a `Decision` holds (indexed by original layer, None = removed or not measur
   score_seconds   screen + verification (all scoring passes, as for every metric); verify_seconds its verification
                   part; forward_tokens / backward_tokens the whole decision, verify_forward_tokens the verification
                   part (the screen is the rest). `cost_split` sums them per phase; the runner records it.
+  verify_tokens   (verify_fraction < 1) the tokens each verified layer was measured on; its score is the perplexity
+                  on those windows only;
+  screened_at     (screen reused) the decision whose screen ranked the candidates.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
-import baselines.ppl
 from gradmap import surgery
+from gradmap.errors import ConfigError
 from gradmap.grad_state import eval_mode
 from gradmap.gradmap_metric import GradMAPMetric
 from gradmap.metric import Calibration, Cost, Decision, DecisionCallback, Reuse, Selection
+from gradmap.verify_budget import SIGNALS, first_windows, loss_positions, loss_sum, window_order
 
 
 class GradMAPVerify(GradMAPMetric):
@@ -64,6 +84,10 @@ class GradMAPVerify(GradMAPMetric):
             barriers: the decision is SLEB's criterion on a shortlist, so the k >= all limit is exactly default SLEB
             and a difference from SLEB is due to the screening alone. (GradMAP's default is 0 / 0; k=1 equals
             GradMAP with the same protection.) Protected layers are screened but never verified nor removed.
+        verify_fraction: first halving round's share of the calibration windows; 1 = exact verification (default).
+        screen_every / rescreen_at_cut: screen reuse; 1 / false = a fresh screen at every decision (default).
+        verify_signal / verify_positions: the verification loss's positions; `full` = every prediction (default).
+        verify_seed: the order of the windows for halving and the `random` positions.
 
     Always iterative (one screen per removed layer), so cached selections are reused as prefixes.
     """
@@ -72,47 +96,107 @@ class GradMAPVerify(GradMAPMetric):
 
     def __init__(self, candidates: int = 4, target: str = "activations", reduction: str = "first_order",
                  accum_dtype: str = "float64", grad_accumulation: str = "full", gradient_checkpointing: bool = True,
-                 loss_chunk_tokens: int = 256, protect_first: int = 1, protect_last: int = 1):
+                 loss_chunk_tokens: int = 256, protect_first: int = 1, protect_last: int = 1,
+                 verify_fraction: float = 1.0, screen_every: int = 1, rescreen_at_cut: bool = False,
+                 verify_signal: str = "full", verify_positions: int = 32, verify_seed: int = 0):
         super().__init__(target=target, reduction=reduction, iterative=True, accum_dtype=accum_dtype,
                          grad_accumulation=grad_accumulation, gradient_checkpointing=gradient_checkpointing,
                          loss_chunk_tokens=loss_chunk_tokens, protect_first=protect_first, protect_last=protect_last)
         if int(candidates) < 1:
             raise ValueError(f"candidates={candidates} is not valid; allowed: an integer >= 1")
         self.candidates = int(candidates)
+        if isinstance(verify_fraction, bool) or not isinstance(verify_fraction, (int, float)) \
+                or not 0 < verify_fraction <= 1:
+            raise ConfigError("verify_fraction", verify_fraction, "a number in (0, 1] (1 = exact verification)")
+        for key, value in (("screen_every", screen_every), ("verify_positions", verify_positions)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(key, value, "an integer >= 1")
+        if not isinstance(rescreen_at_cut, bool):
+            raise ConfigError("rescreen_at_cut", rescreen_at_cut, "true, false")
+        if verify_signal not in SIGNALS:
+            raise ConfigError("verify_signal", verify_signal, list(SIGNALS))
+        if isinstance(verify_seed, bool) or not isinstance(verify_seed, int):
+            raise ConfigError("verify_seed", verify_seed, "an integer")
+        self.verify_fraction, self.screen_every, self.rescreen_at_cut = float(verify_fraction), screen_every, \
+            rescreen_at_cut
+        self.verify_signal, self.verify_positions, self.verify_seed = verify_signal, verify_positions, verify_seed
 
     reuse = Reuse.GREEDY  # one screened-and-verified decision per removed layer: cached runs serve as prefixes
 
-    def _verify(self, model: nn.Module, calib: Calibration, kept: list[int], candidates: list[int]) -> list[float]:
-        """Calibration perplexity of the current model without each candidate (original indices), as SLEB."""
+    def _verify(self, model: nn.Module, calib: Calibration, kept: list[int],
+                candidates: list[int]) -> tuple[list[float], list[int], int]:
+        """Successive halving of the candidates (original indices) by the calibration perplexity of the current model
+        without each (`gradmap.verify_budget`): (perplexity of each on the windows it reached, tokens each was
+        measured on, the winner). verify_fraction=1 measures every candidate on every window in calibration order,
+        which is SLEB's score bit for bit; the winner is then the lowest perplexity (ties: the lower index)."""
+        ids = calib.input_ids
+        windows, seq_len = ids.shape
+        order = window_order(windows, self.verify_seed)
+        positions = loss_positions(self.verify_signal, seq_len, self.verify_positions, self.verify_seed)
+        sums = {c: (0.0, 0) for c in candidates}
+        seen = {c: 0 for c in candidates}  # windows measured so far (a prefix of `order`)
+        alive, w = list(candidates), first_windows(self.verify_fraction, windows)
         with eval_mode(model):
-            out = []
-            for c in candidates:
-                with surgery.layers_removed(model, [kept.index(c)]):
-                    out.append(float(baselines.ppl.calibration_perplexity(model, calib)))
-        return out
+            while True:
+                for c in alive:
+                    new = sorted(order[seen[c]:w])
+                    if new:
+                        with surgery.layers_removed(model, [kept.index(c)]):
+                            total, count = loss_sum(model, ids[new], calib.batch_size, positions)
+                        sums[c] = (sums[c][0] + total, sums[c][1] + count)
+                        seen[c] = w
+                mean = {c: sums[c][0] / sums[c][1] for c in alive}
+                alive = sorted(alive, key=lambda c: (mean[c], c))[:math.ceil(len(alive) / 2)]
+                if len(alive) == 1:
+                    break
+                w = min(windows, 2 * w)
+        return [math.exp(sums[c][0] / sums[c][1]) for c in candidates], [seen[c] * seq_len for c in candidates], alive[0]
+
+    def _fresh_screen(self, step: int, decisions: list[Decision], screen_step: int | None) -> bool:
+        """Screen anew at this decision? Always when screen_every=1; else when no screen exists yet, when the last
+        one is `screen_every` decisions old, or (rescreen_at_cut) when the previous decision chose the last layer
+        of its shortlist: the exact check then preferred the layer at the screen's cut, so a stale ranking may hide
+        better layers beyond it."""
+        if screen_step is None or step - screen_step >= self.screen_every:
+            return True
+        last = decisions[-1] if decisions else None
+        return bool(self.rescreen_at_cut and last is not None and len(last.verified) == self.candidates > 1
+                    and last.removed == last.verified[-1:])
 
     def select(self, model: nn.Module, calib: Calibration, num_prune: int, cost: Cost,
                resume: Selection | None = None, on_decision: DecisionCallback | None = None) -> Selection:
         original_count = surgery.num_layers(model)
         self.check_budget(original_count, num_prune)
+        loss_positions(self.verify_signal, calib.input_ids.shape[1], self.verify_positions, self.verify_seed)
         decisions: list[Decision] = list(resume.decisions[:num_prune]) if resume else []
         removed: list[int] = [i for d in decisions for i in d.removed]
+        # The newest screen (a resumed prefix carries it in its last screening decision).
+        screen, screen_step = next(((d.gradient_scores, d.step) for d in reversed(decisions)
+                                    if d.gradient_scores is not None), (None, None))
         for step in range(len(decisions), num_prune):
             t0 = time.perf_counter()
             before = Cost(**cost.as_dict())
             kept = surgery.kept_indices(original_count, removed)
             prunable = [i for i in self.prunable(original_count) if i in kept]
             gradient: list[float | None] | None = None
+            ranking: list[float | None] | None = None
+            reused_from: int | None = None
             verified: list[int] = []
             with surgery.layers_removed(model, sorted(removed)):
                 if self.candidates == 1 or len(prunable) > self.candidates:  # screen
-                    gradient = self.layer_scores(model, calib, cost, kept, original_count)
-                    verified = self.lowest(gradient, self.candidates) if self.candidates > 1 else []
+                    if self._fresh_screen(step, decisions, screen_step):
+                        gradient = self.layer_scores(model, calib, cost, kept, original_count)
+                        screen, screen_step = gradient, step
+                        ranking = gradient
+                    else:  # rank with the last screen, without the layers removed since
+                        reused_from = screen_step
+                        ranking = [s if i in kept else None for i, s in enumerate(screen)]
+                    verified = self.lowest(ranking, self.candidates) if self.candidates > 1 else []
                 else:  # every prunable layer is a candidate: the screen cannot change the choice
                     verified = prunable
                 screen_done = time.perf_counter()
                 mid = Cost(**cost.as_dict())
-                ppl = self._verify(model, calib, kept, verified) if verified else []
+                ppl, tokens, winner = self._verify(model, calib, kept, verified) if verified else ([], [], None)
             score_seconds = time.perf_counter() - t0
             if not all(torch.isfinite(torch.tensor(ppl, dtype=torch.float64))):
                 raise RuntimeError(f"gradmap_verify: non-finite calibration perplexity {ppl} for layers {verified}")
@@ -120,9 +204,10 @@ class GradMAPVerify(GradMAPMetric):
                 full: list[float | None] = [None] * original_count
                 for c, p in zip(verified, ppl):
                     full[c] = p
+                take = [winner]
             else:
-                full = list(gradient)
-            take = self.lowest(full, 1)
+                full = list(ranking)
+                take = self.lowest(full, 1)
             removed.extend(take)
             decisions.append(Decision(
                 step=step, scores=full, removed=take, seconds=time.perf_counter() - t0, score_seconds=score_seconds,
@@ -130,7 +215,8 @@ class GradMAPVerify(GradMAPMetric):
                 backward_tokens=cost.backward_tokens - before.backward_tokens,
                 gradient_scores=gradient, verified=list(verified),
                 verify_seconds=score_seconds - (screen_done - t0) if verified else 0.0,
-                verify_forward_tokens=cost.forward_tokens - mid.forward_tokens))
+                verify_forward_tokens=cost.forward_tokens - mid.forward_tokens,
+                verify_tokens=tokens if self.verify_fraction < 1 else [], screened_at=reused_from))
             if on_decision is not None:
                 on_decision(decisions[-1])
         return Selection(removed=removed, decisions=decisions)
@@ -140,7 +226,7 @@ class GradMAPVerify(GradMAPMetric):
         """Screening (gradient) vs verification: passes over the calibration set, seconds and tokens, summed over
         the decisions. Forward tokens are counted only while a token hook is active (the runner's stages are)."""
         ds = selection.decisions
-        return {
+        split = {
             "gradient": {"passes": sum(d.gradient_scores is not None for d in ds),
                          "seconds": sum(d.score_seconds - d.verify_seconds for d in ds),
                          "forward_tokens": sum(d.forward_tokens - d.verify_forward_tokens for d in ds),
@@ -150,3 +236,7 @@ class GradMAPVerify(GradMAPMetric):
                              "forward_tokens": sum(d.verify_forward_tokens for d in ds),
                              "backward_tokens": 0},
         }
+        reused = sum(d.screened_at is not None for d in ds)
+        if reused:  # screen_every > 1 / rescreen_at_cut: decisions ranked by an earlier screen (no pass of their own)
+            split["gradient"]["reused"] = reused
+        return split

@@ -124,6 +124,8 @@ class Decision:
     verified: list[int] = field(default_factory=list)  # layers measured exactly (their values are in `scores`)
     verify_seconds: float = 0.0  # part of score_seconds spent verifying
     verify_forward_tokens: int = 0  # part of forward_tokens spent verifying
+    verify_tokens: list[int] = field(default_factory=list)  # successive halving: tokens each `verified` layer saw
+    screened_at: int | None = None  # ranked by the screen of this earlier decision (gradient_scores is then None)
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -134,7 +136,7 @@ class Decision:
 
 
 OPTIONAL_DECISION_FIELDS = {"gradient_scores": None, "verified": [], "verify_seconds": 0.0,
-                             "verify_forward_tokens": 0}
+                             "verify_forward_tokens": 0, "verify_tokens": [], "screened_at": None}
 
 
 @dataclass
