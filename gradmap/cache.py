@@ -25,6 +25,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gradmap.errors import MEMORY_ONLY_METRIC_KEYS
+
 from gradmap.files import atomic_write_json, json_default, move_aside, read_json
 from gradmap.metric import OPTIONAL_DECISION_FIELDS, Decision, Reuse, Selection
 
@@ -53,13 +55,26 @@ def scoring_revision(target: str | None) -> int:
         return 0
 
 
+def without_memory_knobs(metric: dict[str, Any]) -> dict[str, Any]:
+    """A metric config with its memory-only keys (`MEMORY_ONLY_METRIC_KEYS`) as the code before them had them
+    (absent, or its old default), so selections cached before those keys existed are still found."""
+    out = dict(metric)
+    for key, old in MEMORY_ONLY_METRIC_KEYS.items():
+        if key in out:
+            if old is None:
+                del out[key]
+            else:
+                out[key] = old
+    return out
+
+
 def selection_key(cfg: DictConfig) -> str:
     """Hash of what determines a metric's decisions; the prune ratio and the compensation are deliberately out.
     A metric whose scoring changed (`LayerMetric.scoring_revision` > 0) adds its revision, so older entries are not
     reused; every other key is as before."""
     parts = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "metric": OmegaConf.to_container(cfg.metric, resolve=True),
+        "metric": without_memory_knobs(OmegaConf.to_container(cfg.metric, resolve=True)),
         "calibration": OmegaConf.to_container(cfg.calibration, resolve=True),
         "seed": cfg.seed, "dtype": cfg.get("dtype"), "v": CACHE_VERSION,
     }

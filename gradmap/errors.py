@@ -10,6 +10,9 @@ import json
 from typing import Any
 
 UNSET: Any = object()  # "no value given" (None is a value a key can have)
+# Metric keys that change how much memory a backward needs, never its result (gradmap/lm_loss.py, issue 17), with the
+# value that reproduces the code before them: finished jobs and cached selections compare and hash as that value.
+MEMORY_ONLY_METRIC_KEYS = {"gradient_checkpointing": False, "loss_chunk_tokens": None}
 # The memory knobs a user can turn when a run is out of memory (gradmap.oom, gradmap.jobs).
 OOM_HINT = ("set metric.gradient_checkpointing=true, lower calibration.batch_size (or calibration.seq_len) and "
             "eval.perplexity.batch_size, or use a larger device")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gradmap.errors import OOM_HINT, ConfigError, brief, one_line
+from gradmap.errors import MEMORY_ONLY_METRIC_KEYS, OOM_HINT, ConfigError, brief, one_line
 from gradmap.files import atomic_write_json, move_aside, read_json
 from gradmap.overrides import check_overrides
 from gradmap.record import RecordVersionError, RunRecord
@@ -53,7 +53,10 @@ RUN_ONLY_KEYS = ("force", "save_overwrite", "extra_keys")
 def same_job(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two resolved configs describe the same computation."""
     def strip(c: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in c.items() if k not in RUN_ONLY_KEYS}
+        out = {k: v for k, v in c.items() if k not in RUN_ONLY_KEYS}
+        if isinstance(out.get("metric"), dict):  # memory-only knobs: the same computation whatever their value
+            out["metric"] = {k: v for k, v in out["metric"].items() if k not in MEMORY_ONLY_METRIC_KEYS}
+        return out
 
     return isinstance(a, dict) and isinstance(b, dict) and strip(a) == strip(b)
 

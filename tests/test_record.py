@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from experiments.records import load_records
 from experiments.report import build_table
-from gradmap.jobs import run
+from gradmap.jobs import run, same_job
 from gradmap.record import SCHEMA_VERSION, RecordVersionError, RunRecord
 from tests.test_runner import CHOICES, make_cfg
 
@@ -39,11 +39,34 @@ def test_an_old_record_is_read_in_todays_shape():
     # Its config is what the same command composes today (logger=none cache_dir=/tmp/wt10cache), key for key: the
     # values the old code used for keys it read with a default are filled in. (The default evaluation has since
     # gained the wiki cloze task, issue 15; without it, today's command is the old one.)
+    # Likewise GradMAP's memory knobs (issue 17), which change no result: the old code had no chunked loss and no
+    # recomputation; finished jobs compare without them (`gradmap.jobs.same_job`).
     without_cloze = ["eval.lm_eval.tasks=[social_iqa_bigbench]", "~eval.lm_eval.local_tasks.wiki_cloze_test"]
+    old_knobs = ["metric.gradient_checkpointing=false", "~metric.loss_chunk_tokens"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         today = OmegaConf.to_container(compose("config", overrides=["logger=none", "cache_dir=/tmp/wt10cache",
-                                                                    *without_cloze]), resolve=True)
+                                                                    *without_cloze, *old_knobs]), resolve=True)
     assert rec.config == today
+    new_knobs = compose_today(["logger=none", "cache_dir=/tmp/wt10cache", *without_cloze])
+    assert new_knobs != today and same_job(rec.config, new_knobs)
+
+
+def compose_today(overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+
+
+def test_memory_knobs_change_neither_the_job_nor_the_selection_key():
+    from gradmap.cache import selection_key
+
+    base = ["logger=none", "cache_dir=/tmp/x"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        a = compose("config", overrides=base)
+        b = compose("config", overrides=[*base, "metric.gradient_checkpointing=false", "metric.loss_chunk_tokens=0"])
+        c = compose("config", overrides=[*base, "metric.reduction=l2"])
+    assert selection_key(a) == selection_key(b) != selection_key(c)
+    as_dict = [OmegaConf.to_container(x, resolve=True) for x in (a, b, c)]
+    assert same_job(as_dict[0], as_dict[1]) and not same_job(as_dict[0], as_dict[2])
 
 
 def test_a_finished_old_job_is_still_skipped(tmp_path):
