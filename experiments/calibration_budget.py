@@ -29,6 +29,7 @@ from hydra.utils import instantiate
 
 from gradmap.cache import SelectionCache, cache_root_of, selection_key
 from gradmap.data import load_calibration
+from gradmap.windows import decide_window_bos
 from gradmap.metric import Cost, Selection, count_forward_tokens
 from gradmap.models import load_model
 from gradmap.runner import seed_everything
@@ -61,7 +62,8 @@ def selection_for(overrides: list[str], model, tokenizer, cache: SelectionCache)
     def compute(resume: Selection | None) -> Selection:
         nonlocal seconds
         seed_everything(cfg.seed)
-        calib = load_calibration(cfg.calibration, tokenizer)
+        bos = decide_window_bos(cfg.model.get("window_bos"), model.config, tokenizer)  # as run.py does
+        calib = load_calibration(cfg.calibration, tokenizer, bos.token)
         cost = Cost()
         t0 = time.perf_counter()
         with count_forward_tokens(model, cost):

@@ -52,7 +52,8 @@ class RunRecord:
     prune_ratio: float | None = None
     effective_prune_ratio: float | None = None
     dtype: str | None = None
-    calibration: dict[str, Any] | None = None  # num_samples, seq_len, tokens, split
+    windows: dict[str, Any] | None = None  # BOS at the start of every window: bos, bos_token_id, decided_by, ...
+    calibration: dict[str, Any] | None = None  # num_samples, seq_len, tokens, split, bos
     heldout: dict[str, Any] | None = None  # per text: corpus, split, tokens
     dense_from_cache: str | None = None  # the dense-evaluation cache entry used (None: evaluated in this run)
     results: dict[str, Any] | None = None  # dense, pruned, retained_pct, headline {dense, pruned}

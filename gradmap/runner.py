@@ -35,6 +35,7 @@ from gradmap.models import resolve_device, resolve_dtype
 from gradmap.record import RunRecord, environment
 from gradmap.stages import StageRecorder
 from gradmap.validation import Checked
+from gradmap.windows import decide_window_bos
 
 
 def seed_everything(seed: int) -> None:
@@ -134,6 +135,7 @@ class Run:
         self.record.environment = environment()
         self.recorder = StageRecorder(checked.device if checked.device != "auto" else resolve_device("auto"))
         self.logger = None
+        self.bos_id: int | None = None  # windows start with this token (gradmap.windows), decided once loaded
 
     def save(self) -> None:
         self.record.timings = self.recorder.as_dict()
@@ -184,11 +186,14 @@ class Run:
         # Checked on the architecture already; this is the loaded model (cheap).
         compensation.check_compatible(model, [])
 
+        windows = decide_window_bos(checked.model.window_bos, model.config, tokenizer)
+        rec.windows = windows.as_dict()
+        self.bos_id = windows.token
         with stage("calibration"):
-            calib = checked.calibration.load(tokenizer)
+            calib = checked.calibration.load(tokenizer, self.bos_id)
             heldout = load_heldout(checked.evaluation.heldout, tokenizer, tuning=checked.config["tuning"])
         rec.calibration = {"num_samples": int(calib.input_ids.shape[0]), "seq_len": int(calib.input_ids.shape[1]),
-                           "tokens": calib.num_tokens, "split": "calib"}
+                           "tokens": calib.num_tokens, "split": "calib", "bos": windows.bos}
         rec.heldout = {t.name: {"corpus": t.corpus, "split": t.split, "tokens": int(t.token_ids.numel())}
                        for t in heldout}
 
@@ -217,7 +222,7 @@ class Run:
         self.save()
 
         with stage("evaluate", model):
-            pruned = evaluate(model, tokenizer, checked.evaluation, heldout)
+            pruned = evaluate(model, tokenizer, checked.evaluation, heldout, self.bos_id)
         dense = rec.results["dense"]
         rec.results.update({"pruned": pruned, "retained_pct": retained(dense, pruned),
                             "headline": {"dense": headline(dense), "pruned": headline(pruned)}})
@@ -313,7 +318,7 @@ class Run:
             except CacheEntryError as err:
                 move_aside(cache_file, f"malformed dense-evaluation entry: {err}")
         with self.recorder.stage("evaluate_dense", model):
-            results = evaluate(model, tokenizer, evaluation, heldout)
+            results = evaluate(model, tokenizer, evaluation, heldout, self.bos_id)
         self.record.dense_from_cache = None
         if evaluation.cache_dense:
             atomic_write_json(cache_file, {"key": key, "results": results, "model": self.checked.config["model"]})
