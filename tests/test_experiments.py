@@ -55,7 +55,7 @@ def test_speed_experiment_times_uncompensated_uncached_scoring():
     assert list(cfg.eval.lm_eval.tasks) == []
 
 
-TUNING = ("ablation_gradmap", "ablation_projection", "choose_verify_k")
+TUNING = ("ablation_gradmap", "ablation_projection", "choose_verify_k", "choose_postnorm_projection")
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
