@@ -42,24 +42,37 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
-def selection_key(cfg: DictConfig) -> str:
-    """Hash of what determines a metric's decisions; the prune ratio and the compensation are deliberately out."""
+def model_key(cfg: DictConfig, bos: bool) -> dict[str, Any]:
+    """The model part of a cache key: the model config, with `window_bos` replaced by what it resolved to when it
+    was left to the family (`bos`, gradmap.windows): a family without BOS windows keeps the key it had before the
+    key existed (its computation did not change), and one with them gets a new key."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if model.get("window_bos", "absent") is None:
+        del model["window_bos"]
+        if bos:
+            model["bos_windows"] = True
+    return model
+
+
+def selection_key(cfg: DictConfig, bos: bool) -> str:
+    """Hash of what determines a metric's decisions; the prune ratio and the compensation are deliberately out.
+    `bos`: whether the run's windows start with a BOS token (`gradmap.windows.decide_window_bos`)."""
     return stable_hash({
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "model": model_key(cfg, bos),
         "metric": OmegaConf.to_container(cfg.metric, resolve=True),
         "calibration": OmegaConf.to_container(cfg.calibration, resolve=True),
         "seed": cfg.seed, "dtype": cfg.get("dtype"), "v": CACHE_VERSION,
     })
 
 
-def interleaved_key(cfg: DictConfig) -> str:
+def interleaved_key(cfg: DictConfig, bos: bool) -> str:
     """Key of a selection made together with its compensation (Prune&Comp): the selection key and the compensation
     config, since the compensation changes the model the metric rescores."""
-    return stable_hash({"selection": selection_key(cfg), "v": 1,
+    return stable_hash({"selection": selection_key(cfg, bos), "v": 1,
                         "compensation": OmegaConf.to_container(cfg.compensation, resolve=True)})
 
 
-def dense_cache_key(cfg: DictConfig) -> str:
+def dense_cache_key(cfg: DictConfig, bos: bool) -> str:
     """Dense results depend only on the model and the evaluation settings, and on the seed only through lm-eval:
     perplexity is deterministic, so a perplexity-only evaluation serves every calibration seed of a sweep."""
     evaluation = OmegaConf.to_container(cfg.eval, resolve=True)
@@ -67,7 +80,7 @@ def dense_cache_key(cfg: DictConfig) -> str:
     seeded = bool(lm_eval.get("tasks"))
     if not seeded:
         lm_eval.pop("seed", None)
-    return stable_hash({"model": OmegaConf.to_container(cfg.model, resolve=True), "eval": evaluation,
+    return stable_hash({"model": model_key(cfg, bos), "eval": evaluation,
                         "dtype": cfg.get("dtype"), "seed": cfg.seed if seeded else None, "v": 2})
 
 

@@ -253,7 +253,7 @@ class Run:
     def _select(self, model, metric, calib, n: int) -> Selection:
         """Score and choose layers through the selection cache (`SelectionCache.get_or_compute`); the stage's time
         is split into the scoring passes (`score`) and the choosing in between (`select`)."""
-        key, log, total = selection_key(self.cfg), DecisionLog(self.logger), 0.0
+        key, log, total = selection_key(self.cfg, self.bos_id is not None), DecisionLog(self.logger), 0.0
 
         def compute(resume: Selection | None) -> Selection:
             nonlocal total
@@ -275,7 +275,7 @@ class Run:
         """Selection and compensation in one loop (the selection depends on the compensation): cached under a key
         that includes the compensation config; cached decisions are replayed (removal and fold, no rescoring). The
         fresh decisions' own time and tokens are booked to `score` and `select`, the rest stays `compensate`."""
-        key, log, report = interleaved_key(self.cfg), DecisionLog(self.logger), {}
+        key, log, report = interleaved_key(self.cfg, self.bos_id is not None), DecisionLog(self.logger), {}
 
         def compute(resume: Selection | None) -> Selection:
             nonlocal report
@@ -305,7 +305,7 @@ class Run:
 
     def _dense_results(self, model, tokenizer, heldout) -> dict[str, Any]:
         cfg, evaluation = self.cfg, self.checked.evaluation
-        key = dense_cache_key(cfg)
+        key = dense_cache_key(cfg, self.bos_id is not None)
         cache_file = self.checked.cache / "dense_eval" / f"{key}.json"
         cached = read_json_entry(cache_file) if evaluation.cache_dense else None
         if cached is not None:

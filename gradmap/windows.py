@@ -56,6 +56,15 @@ def family_wants_bos(model_type: str | None) -> bool:
     return str(model_type) in BOS_FAMILIES
 
 
+def legacy_window_bos(model_class: str | None, model_cfg: dict[str, Any]) -> bool | None:
+    """`model.window_bos` for a record written before the key existed, as what that code did: no window had a BOS,
+    which today is `null` for a family without BOS windows and an explicit `false` for one with them (Gemma: its
+    CausalLM class, or failing that its asset or hub name, says so)."""
+    names = [model_class, model_cfg.get("asset"), model_cfg.get("pretrained")]
+    gemma = any(isinstance(n, str) and "gemma" in n.lower() for n in names)
+    return False if gemma else None
+
+
 def _tokenizer_adds_bos(tokenizer: Any, bos_id: int | None) -> bool | None:
     if bos_id is None or not callable(tokenizer):
         return None

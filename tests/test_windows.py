@@ -80,3 +80,29 @@ def test_perplexity_with_bos_predicts_the_stream_tokens_and_never_the_bos():
     plain = perplexity(model, ids, seq, batch_size=3, progress=False)
     assert plain["bos"] is False and plain["tokens"] == (ids.numel() // seq) * (seq - 1)
     assert plain["ppl"] != pytest.approx(out["ppl"], rel=1e-6)  # the BOS changes what the model sees
+
+
+def test_a_record_from_before_window_bos_reads_as_what_its_code_did():
+    """No window had a BOS before the key existed: that is `null` for SmolLM2 (same job today, not rerun) and an
+    explicit `false` for Gemma (today's `null` would add the BOS, another job)."""
+    from gradmap.record import RunRecord
+
+    def old(model_class, asset):
+        return {"schema_version": 1, "model_class": model_class,
+                "config": {"model": {"_target_": "gradmap.models.OfflineModel", "asset": asset}}}
+
+    assert RunRecord.from_dict(old("LlamaForCausalLM", "smollm2_135m")).config["model"]["window_bos"] is None
+    assert RunRecord.from_dict(old("Gemma3ForCausalLM", "gemma3_270m")).config["model"]["window_bos"] is False
+    assert RunRecord.from_dict(old(None, "gemma3_270m")).config["model"]["window_bos"] is False  # failed early
+
+
+def test_compensation_keys_added_later_default_to_the_classes_defaults():
+    import inspect
+
+    from hydra.utils import get_object
+
+    from gradmap.record import ADDED_COMPENSATION_KEYS
+
+    for target, keys in ADDED_COMPENSATION_KEYS.items():
+        params = inspect.signature(get_object(target)).parameters
+        assert {k: params[k].default for k in keys} == keys, target
