@@ -18,10 +18,13 @@ parameters (a standard Hugging Face checkpoint), is chosen by `post_norm`:
 * `direction_approx_norm_scale`: `direction_approx`, then `norm_scale` refitted on the corrected outputs.
 * `refuse` (the earlier behaviour): the compensation refuses the architecture.
 
-What a map before the norm can and cannot remove: per token, ||y - T||^2 = (||y|| - ||T||)^2 + 2 ||y|| ||T||
-(1 - cos(y, T)). The first term (the magnitude part) is fixed by the norm (exactly so when g is uniform): only the
-gain, i.e. `norm_scale`, and only its channel-wise average, can reduce it; the second (the direction part) is what
-`direction_approx` can work on. Both are recorded per site, relative to ||H_dense||^2 like the site's error.
+What a map before the norm can and cannot remove, recorded per site relative to ||H_dense||^2 like the site's error:
+* `rel_error_floor_before_norm`: the least error any pre-norm output could reach with the current gain, even one
+  chosen per token: sum_t min over u with rms(u) = 1 of ||g * u - T_t||^2 (`sphere_floor`). No map folded into
+  `down_proj` goes below it; only the gain (`norm_scale`) can.
+* the split ||y - T||^2 = (||y|| - ||T||)^2 + 2 ||y|| ||T|| (1 - cos(y, T)) into a magnitude and a direction part.
+  With a uniform gain the norm fixes ||y||, so the magnitude part would be a floor too; Gemma's gains are far from
+  uniform, so a change of direction also moves the magnitude, and the floor above is the one that holds.
 """
 
 from __future__ import annotations
@@ -97,6 +100,24 @@ def scale_error(yy: torch.Tensor, yt: torch.Tensor, tt: float, s: torch.Tensor) 
     return float((s * s * yy - 2 * s * yt).sum() + tt)
 
 
+def sphere_floor(g: torch.Tensor, t: torch.Tensor, iters: int = 80) -> torch.Tensor:
+    """Per row of t [n, d]: min over u with ||u||^2 = d of ||g * u - t||^2, in float64. The minimiser is
+    u = g t / (g^2 + mu) with mu >= -min(g^2) the root of ||u(mu)||^2 = d (decreasing in mu), found by bisection."""
+    g, t = g.double().to(t.device), t.double()
+    d = t.shape[-1]
+    g2 = g * g
+    gt2 = (g * t) ** 2
+    lo = torch.full(t.shape[:-1], -float(g2.min()), dtype=torch.float64, device=t.device)
+    hi = lo + (gt2.sum(-1) / d).sqrt() + 1.0  # ||u||^2 <= sum (g t)^2 / (mu + min g^2)^2 < d at mu = hi
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        big = (gt2 / (g2 + mid[..., None]).clamp_min(1e-300) ** 2).sum(-1) > d
+        lo, hi = torch.where(big, mid, lo), torch.where(big, hi, mid)
+    u = g * t / (g2 + hi[..., None]).clamp_min(1e-300)
+    u = u * (d / u.pow(2).sum(-1, keepdim=True).clamp_min(1e-300)).sqrt()  # exactly on the sphere
+    return (g * u - t).pow(2).sum(-1)
+
+
 def fit_direction(zz: torch.Tensor, zt: torch.Tensor, g: torch.Tensor, alpha: float) -> torch.Tensor:
     """A [d, d] minimising sum_t ||g * (A^T zn_t) - T_t||^2 + lam ||A - I||^2 (zn_t = z_t / rho_t), column by column:
     (g_c^2 ZZ + lam I) a_c = g_c ZT[:, c] + lam e_c, lam = alpha * tr(ZZ)/d * mean(g^2); in float64."""
@@ -130,7 +151,8 @@ class PostNormSums:
         self.site, self.last, self.targets, self.final_targets = site, last, targets, final_targets
         self.direction, self.eps = direction, eps
         self.sums: dict[str, Any] = {"yy": 0.0, "yt": 0.0, "tt": 0.0, "zz": 0.0, "zt": 0.0, "err": 0.0,
-                                     "magnitude": 0.0, "dense": 0.0}
+                                     "magnitude": 0.0, "floor": 0.0, "dense": 0.0}
+        self.gain: torch.Tensor | None = None  # the norm's gain, for the floor (set by post_norm_sums)
         self.num = self.den = 0.0
         self.batch = 0
         self.z: torch.Tensor | None = None
@@ -153,6 +175,8 @@ class PostNormSums:
             s["tt"] += float((t * t).sum())
             s["err"] += float((y - t).pow(2).sum())
             s["magnitude"] += float((y.norm(dim=-1) - t.norm(dim=-1)).pow(2).sum())
+            if self.gain is not None:
+                s["floor"] += float(sphere_floor(self.gain, t).sum())
             s["dense"] += float(hd.pow(2).sum())
             if self.direction:
                 z = self.z.double().flatten(0, -2)
@@ -173,6 +197,7 @@ class PostNormSums:
 def post_norm_sums(model: nn.Module, calib, site: int, proj: nn.Module, norm: nn.Module, targets: list[torch.Tensor],
                    last: int, final_targets: list[torch.Tensor], direction: bool) -> PostNormSums:
     sums = PostNormSums(site, last, targets, final_targets, direction, norm_eps(norm))
+    sums.gain = norm_gain(norm, gain_offset(norm))
     handles = [proj.register_forward_hook(sums.on_projection), norm.register_forward_hook(sums.on_norm)]
     try:
         with layer_io(model, sums.on_layer, sorted({site, last})):
@@ -188,7 +213,8 @@ def post_norm_sums(model: nn.Module, calib, site: int, proj: nn.Module, norm: nn
 def error_split(sums: PostNormSums) -> dict[str, float]:
     """The site's relative error before the fold and its magnitude / direction parts (module docstring)."""
     s, den = sums.sums, max(sums.sums["dense"], 1e-30)
-    return {"rel_error_at_fit": s["err"] / den, "rel_error_magnitude_part": s["magnitude"] / den,
+    return {"rel_error_at_fit": s["err"] / den, "rel_error_floor_before_norm": s["floor"] / den,
+            "rel_error_magnitude_part": s["magnitude"] / den,
             "rel_error_direction_part": (s["err"] - s["magnitude"]) / den}
 
 

@@ -75,6 +75,9 @@ def test_post_norm_fold_lowers_the_site_error_and_saves_a_standard_checkpoint(mo
     assert site["post_norm"] == mode and site["original_layer"] == 1
     assert site["rel_error_after"] < site["rel_error_before"]  # lowers the calibration error at its site
     assert site["rel_error_magnitude_part"] + site["rel_error_direction_part"] == pytest.approx(site["rel_error_at_fit"])
+    assert site["rel_error_floor_before_norm"] <= site["rel_error_at_fit"]
+    if mode == "direction_approx":  # a map before the norm (the gain unchanged) cannot go below the floor
+        assert site["rel_error_after"] >= site["rel_error_floor_before_norm"] - 1e-9
     if mode == "norm_scale":  # exact: what the fit predicts is what the model does
         assert site["rel_error_after"] == pytest.approx(site["scale_predicted_rel_error"], rel=1e-6)
     assert report["post_norm"] == mode
@@ -140,3 +143,19 @@ def test_replaceme_and_prune_and_comp_run_on_a_post_norm_model():
     assert site["scale"] != 1.0 and report["untied_embeddings"]
     g = site["scale"] * (1 + norms_before)  # Gemma's gain is 1 + weight
     assert torch.allclose(1 + model.model.layers[1].post_feedforward_layernorm.weight, g, rtol=1e-5, atol=1e-6)
+
+
+def test_sphere_floor_is_the_least_error_of_any_unit_rms_output():
+    from gradmap.post_norm import sphere_floor
+
+    g = torch.Generator().manual_seed(3)
+    d = 5
+    gain = torch.randn(d, generator=g, dtype=torch.float64)  # signs and sizes vary, as Gemma's do
+    t = torch.randn(4, d, generator=g, dtype=torch.float64) * 3
+    floor = sphere_floor(gain, t)
+    u = torch.randn(20000, d, generator=g, dtype=torch.float64)
+    u = u * (d / u.pow(2).sum(-1, keepdim=True)).sqrt()  # random points with rms 1
+    sampled = ((gain * u)[None] - t[:, None]).pow(2).sum(-1).min(1).values
+    assert (floor <= sampled + 1e-9).all() and torch.allclose(floor, sampled, rtol=0.05)
+    uniform = sphere_floor(torch.ones(d, dtype=torch.float64), t)  # uniform gain: only the magnitude is lost
+    assert torch.allclose(uniform, (t.norm(dim=-1) - d ** 0.5) ** 2)
