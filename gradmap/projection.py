@@ -198,14 +198,15 @@ class ProjectionCompensation(Compensation):
         shift: `mean` | `rms`, how the drift at each kept layer is measured.
         alpha: ridge strength toward the identity, relative to tr(Y^T Y)/d.
         guard: `final_error` (undo a fold that raises the final-layer calibration error) | `none`.
-        post_norm: where a norm follows the MLP: `refuse` | `norm_scale` (exact) | `direction_approx` |
-            `direction_approx_norm_scale` (gradmap/post_norm.py); no effect on other layers.
+        post_norm: where a norm follows the MLP: `refuse` | `norm_scale` (exact) | `direction_approx` (default,
+            chosen on validation: README) | `direction_approx_norm_scale` (gradmap/post_norm.py); no effect on other
+            layers.
     """
 
     name = "projection"
 
     def __init__(self, sites: str = "before_gap", top_k: int = 2, shift: str = "mean", alpha: float = 3.0,
-                 guard: str = "final_error", post_norm: str = "refuse"):
+                 guard: str = "final_error", post_norm: str = "direction_approx"):
         if guard not in GUARDS:
             raise ConfigError("guard", guard, list(GUARDS))
         if post_norm not in POST_NORM_MODES:

@@ -143,7 +143,7 @@ def _retarget(config: dict[str, Any], group: str, dispatch_key: str, targets: di
 # every model it finished a job on: `post_norm` changes nothing on a model without a norm after the MLP, and the
 # earlier code refused every model with one, so a finished record gets today's default (tests/test_windows.py
 # checks these against the classes' defaults).
-ADDED_COMPENSATION_KEYS = {"gradmap.projection.ProjectionCompensation": {"post_norm": "refuse"},
+ADDED_COMPENSATION_KEYS = {"gradmap.projection.ProjectionCompensation": {"post_norm": "direction_approx"},
                            "baselines.replaceme.ReplaceMe": {"post_norm": "refuse"}}
 
 

@@ -54,11 +54,12 @@ def test_channel_scale_and_direction_fits_are_the_least_squares_solutions():
 def test_projection_refuses_a_post_mlp_norm_unless_told_how_to_fold():
     model = tiny_gemma3()
     with pytest.raises(IncompatibleCompensationError, match="compensation.post_norm"):
-        ProjectionCompensation().check_compatible(model, [])
+        ProjectionCompensation(post_norm="refuse").check_compatible(model, [])
     with pytest.raises(IncompatibleCompensationError, match="compensation.post_norm"):
         ReplaceMe().check_compatible(model, [])  # official ReplaceMe has no such case: refused by default
     for mode in MODES:
         ProjectionCompensation(post_norm=mode).check_compatible(model, [])
+    assert ProjectionCompensation().post_norm == "direction_approx"  # the default chosen on validation (README)
 
 
 @pytest.mark.parametrize("mode", MODES)
