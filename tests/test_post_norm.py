@@ -41,7 +41,8 @@ def test_channel_scale_and_direction_fits_are_the_least_squares_solutions():
     tt = float((t * t).sum())
     assert scale_error((y * y).sum(0), (y * t).sum(0), tt, s) == pytest.approx(float((y * s - t).pow(2).sum()))
     # Direction: column c solves min ||g_c Zn a - T_c||^2 (alpha -> 0), and the predicted error is the fit's own.
-    zn, gain = torch.randn(200, 6, generator=g, dtype=torch.float64), torch.rand(6, generator=g, dtype=torch.float64) + .5
+    zn = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    gain = torch.rand(6, generator=g, dtype=torch.float64) + .5
     a = fit_direction(zn.T @ zn, zn.T @ t, gain, alpha=1e-12)
     ref = torch.stack([torch.linalg.lstsq(gain[c] * zn, t[:, c:c + 1]).solution[:, 0] for c in range(6)], dim=1)
     assert torch.allclose(a, ref, atol=1e-8)
@@ -75,7 +76,8 @@ def test_post_norm_fold_lowers_the_site_error_and_saves_a_standard_checkpoint(mo
     (site,) = report["sites"]
     assert site["post_norm"] == mode and site["original_layer"] == 1
     assert site["rel_error_after"] < site["rel_error_before"]  # lowers the calibration error at its site
-    assert site["rel_error_magnitude_part"] + site["rel_error_direction_part"] == pytest.approx(site["rel_error_at_fit"])
+    split = site["rel_error_magnitude_part"] + site["rel_error_direction_part"]
+    assert split == pytest.approx(site["rel_error_at_fit"])
     assert site["rel_error_floor_before_norm"] <= site["rel_error_at_fit"]
     if mode == "direction_approx":  # a map before the norm (the gain unchanged) cannot go below the floor
         assert site["rel_error_after"] >= site["rel_error_floor_before_norm"] - 1e-9
