@@ -15,7 +15,9 @@ from gradmap.capture import dense_final_states, final_rel_error, layer_io_stats,
 from gradmap.compensation import Compensation, IncompatibleCompensationError
 from gradmap.errors import ConfigError
 from gradmap.metric import Calibration, Cost, Decision, DecisionCallback, LayerMetric, Reuse, Selection, progress
-from gradmap.module_paths import POST_SUBLAYER_NORMS, RESIDUAL_WRITERS, get_path
+from gradmap.module_paths import (POST_SUBLAYER_NORMS, RESIDUAL_WRITERS, SANDWICH_INPUT_NORMS, SANDWICH_WRITER_NORMS,
+                                  get_path)
+from gradmap.post_norm import gain_offset, scale_gain
 
 def embeddings_tied(model: nn.Module) -> bool:
     out = model.get_output_embeddings()
@@ -42,16 +44,27 @@ def scale_prefix(model: nn.Module, upto: int, s: float) -> None:
 
     Why this is the hidden state times s: the residual stream at that point is the embedding plus the writers'
     outputs, and every writer reads its input through a scale-invariant pre-norm (RMSNorm/LayerNorm), so scaling all
-    of them scales every state up to there by s and changes nothing else."""
+    of them scales every state up to there by s and changes nothing else. In a sandwich layer (Gemma 2/3) the
+    writers' outputs pass through a norm, so the scale goes into those norms' gains instead (`is_sandwich`)."""
     emb = model.get_input_embeddings()
     emb.weight.mul_(s)
     layers = surgery.get_decoder_layers(model)
     for j in range(upto + 1):
+        if is_sandwich(layers[j]):
+            for name in SANDWICH_WRITER_NORMS:
+                norm = getattr(layers[j], name)
+                scale_gain(norm, s, gain_offset(norm))
+            continue
         for path in RESIDUAL_WRITERS:
             proj = get_path(layers[j], path)
             proj.weight.mul_(s)
             if getattr(proj, "bias", None) is not None:
                 proj.bias.mul_(s)
+
+
+def is_sandwich(layer: nn.Module) -> bool:
+    """Input and output norms around both sublayers (Gemma 2/3; `gradmap.module_paths.SANDWICH_*`)."""
+    return all(isinstance(getattr(layer, n, None), nn.Module) for n in SANDWICH_INPUT_NORMS + SANDWICH_WRITER_NORMS)
 
 
 RATIOS = ("channel_mean_abs", "token_l2")
@@ -157,8 +170,10 @@ class PruneAndComp(Compensation):
             select -> remove_layers -> apply; False: the one-shot ablation, through `apply`.
         ratio: `channel_mean_abs` (official) or `token_l2`.
 
-    Supports pre-norm layers with `self_attn.o_proj` and `mlp.down_proj` (Llama, Mistral, Qwen2/3, Phi-3); other
-    layouts are refused in `check_compatible`.
+    Supports pre-norm layers with `self_attn.o_proj` and `mlp.down_proj` (Llama, Mistral, Qwen2/3, Phi-3) and
+    sandwich layers (Gemma 2/3: the scale goes into the gains of the norms after attention and MLP, exactly as the
+    official fold scales the writers, which have no norm after them in the models it supports); other layouts are
+    refused in `check_compatible`.
     """
 
     name = "prune_and_comp"
@@ -181,10 +196,11 @@ class PruneAndComp(Compensation):
                 f"prune_and_comp folds its scale into the residual writers {list(RESIDUAL_WRITERS)} and the input "
                 f"embedding; {type(layer).__name__} has no {missing}; use compensation=none")
         norms = [n for n in POST_SUBLAYER_NORMS if hasattr(layer, n)]
-        if norms:
+        if norms and not is_sandwich(layer):
             raise IncompatibleCompensationError(
                 f"prune_and_comp scales the residual writers, but {type(layer).__name__} normalises their outputs "
-                f"({norms}) before the residual add, which would undo the scale; use compensation=none")
+                f"({norms}) before the residual add without normalising every sublayer's input, so no fold scales "
+                f"the residual stream exactly; use compensation=none")
         if model.get_input_embeddings() is None:
             raise IncompatibleCompensationError(f"{type(model).__name__} exposes no input embedding to scale")
 

@@ -45,12 +45,14 @@ class ReplaceMe(ProjectionCompensation):
     * The paper selects the block with its own cosine-distance criterion; here any metric's selection is accepted.
     * A gap that starts at layer 0 has no MLP before it and is left uncompensated (listed in the report).
     * Calibration has no padding here; the reference code also fits on padded positions.
+    * A norm after the MLP output (Gemma 2/3): the official code has no such case; refused by default
+      (`post_norm=refuse`), or folded as `ProjectionCompensation`'s `post_norm` says (gradmap/post_norm.py).
     """
 
     name = "replaceme"
 
-    def __init__(self, alpha: float = 0.0, guard: str = "none"):
-        super().__init__(sites="before_gap", alpha=alpha, guard=guard)
+    def __init__(self, alpha: float = 0.0, guard: str = "none", post_norm: str = "refuse"):
+        super().__init__(sites="before_gap", alpha=alpha, guard=guard, post_norm=post_norm)
 
     def check_calibration(self, model: nn.Module, num_tokens: int) -> None:
         d = model.get_input_embeddings().weight.shape[-1]

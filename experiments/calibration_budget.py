@@ -29,6 +29,7 @@ from hydra.utils import instantiate
 
 from gradmap.cache import SelectionCache, cache_root_of, selection_key
 from gradmap.data import load_calibration
+from gradmap.windows import decide_window_bos
 from gradmap.metric import Cost, Selection, count_forward_tokens
 from gradmap.models import load_model
 from gradmap.runner import seed_everything
@@ -61,7 +62,8 @@ def selection_for(overrides: list[str], model, tokenizer, cache: SelectionCache)
     def compute(resume: Selection | None) -> Selection:
         nonlocal seconds
         seed_everything(cfg.seed)
-        calib = load_calibration(cfg.calibration, tokenizer)
+        windows = decide_window_bos(cfg.model.get("window_bos"), model.config, tokenizer)  # as run.py does
+        calib = load_calibration(cfg.calibration, tokenizer, windows.token)
         cost = Cost()
         t0 = time.perf_counter()
         with count_forward_tokens(model, cost):
@@ -69,7 +71,8 @@ def selection_for(overrides: list[str], model, tokenizer, cache: SelectionCache)
         seconds = time.perf_counter() - t0
         return selection
 
-    got = cache.get_or_compute(selection_key(cfg), n, metric.reuse, metric.iterative, compute,
+    bos = decide_window_bos(cfg.model.get("window_bos"), model.config, tokenizer).bos
+    got = cache.get_or_compute(selection_key(cfg, bos), n, metric.reuse, metric.iterative, compute,
                                {"model": cfg.model.get("asset"), "metric": overrides[0]})
     hit = got.source == "cache"
     return sorted(got.selection.removed), got.selection.seconds if hit else seconds, hit

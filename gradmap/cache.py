@@ -68,12 +68,25 @@ def without_memory_knobs(metric: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def selection_key(cfg: DictConfig) -> str:
+def model_key(cfg: DictConfig, bos: bool) -> dict[str, Any]:
+    """The model part of a cache key: the model config, with `window_bos` replaced by what it resolved to when it
+    was left to the family (`bos`, gradmap.windows): a family without BOS windows keeps the key it had before the
+    key existed (its computation did not change), and one with them gets a new key."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if model.get("window_bos", "absent") is None:
+        del model["window_bos"]
+        if bos:
+            model["bos_windows"] = True
+    return model
+
+
+def selection_key(cfg: DictConfig, bos: bool) -> str:
     """Hash of what determines a metric's decisions; the prune ratio and the compensation are deliberately out.
-    A metric whose scoring changed (`LayerMetric.scoring_revision` > 0) adds its revision, so older entries are not
-    reused; every other key is as before."""
+    `bos`: whether the run's windows start with a BOS token (`gradmap.windows.decide_window_bos`). A metric whose
+    scoring changed (`LayerMetric.scoring_revision` > 0) adds its revision, so older entries are not reused; memory-only
+    metric keys hash as the code before them had them (`without_memory_knobs`)."""
     parts = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "model": model_key(cfg, bos),
         "metric": without_memory_knobs(OmegaConf.to_container(cfg.metric, resolve=True)),
         "calibration": OmegaConf.to_container(cfg.calibration, resolve=True),
         "seed": cfg.seed, "dtype": cfg.get("dtype"), "v": CACHE_VERSION,
@@ -84,14 +97,14 @@ def selection_key(cfg: DictConfig) -> str:
     return stable_hash(parts)
 
 
-def interleaved_key(cfg: DictConfig) -> str:
+def interleaved_key(cfg: DictConfig, bos: bool) -> str:
     """Key of a selection made together with its compensation (Prune&Comp): the selection key and the compensation
     config, since the compensation changes the model the metric rescores."""
-    return stable_hash({"selection": selection_key(cfg), "v": 1,
+    return stable_hash({"selection": selection_key(cfg, bos), "v": 1,
                         "compensation": OmegaConf.to_container(cfg.compensation, resolve=True)})
 
 
-def dense_cache_key(cfg: DictConfig) -> str:
+def dense_cache_key(cfg: DictConfig, bos: bool) -> str:
     """Dense results depend only on the model and the evaluation settings, and on the seed only through lm-eval:
     perplexity is deterministic, so a perplexity-only evaluation serves every calibration seed of a sweep."""
     evaluation = OmegaConf.to_container(cfg.eval, resolve=True)
@@ -99,7 +112,7 @@ def dense_cache_key(cfg: DictConfig) -> str:
     seeded = bool(lm_eval.get("tasks"))
     if not seeded:
         lm_eval.pop("seed", None)
-    return stable_hash({"model": OmegaConf.to_container(cfg.model, resolve=True), "eval": evaluation,
+    return stable_hash({"model": model_key(cfg, bos), "eval": evaluation,
                         "dtype": cfg.get("dtype"), "seed": cfg.seed if seeded else None, "v": 2})
 
 

@@ -59,7 +59,8 @@ def _tokenize_bounded(tokenizer: Any, text: str) -> list[int]:
 
 
 def _tokenize(tokenizer: Any, text: str) -> list[int]:
-    # No BOS/EOS: windows are cut from running text, and the same call works for HF tokenizers and ByteTokenizer.
+    # No BOS/EOS: windows are cut from running text (a window gets its BOS when it is cut, if its family needs one:
+    # gradmap.windows), and the same call works for HF tokenizers and ByteTokenizer.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -147,12 +148,14 @@ def _hub_texts(dataset: str, split: str) -> list[str]:
 
 
 def sample_windows(texts: list[str], tokenizer: Any, num_samples: int, seq_len: int, seed: int,
-                   spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
+                   spans: list[tuple[int, int]] | None = None, bos_id: int | None = None) -> torch.Tensor:
     """`num_samples` random windows of `seq_len` tokens: random document (>= seq_len + 1 tokens), random offset.
 
     Documents are tokenized lazily and memoised, so only the drawn ones are tokenized (a few dozen articles, not
     the whole corpus). The +1 keeps the SparseGPT recipe's room for a shifted target. More tokens than the texts
     hold is refused (the windows would repeat the same text). `spans`: filled with each window's (document, start).
+    `bos_id` (`gradmap.windows`): each window is [BOS] + the seq_len - 1 tokens at the drawn offset, so the draws
+    (document, offset) are the same with and without it.
     """
     import torch
 
@@ -192,7 +195,10 @@ def sample_windows(texts: list[str], tokenizer: Any, num_samples: int, seq_len: 
             short_draws += 1
             continue
         start = rng.randrange(len(ids) - seq_len)
-        windows.append(ids[start:start + seq_len])
+        if bos_id is None:
+            windows.append(ids[start:start + seq_len])
+        else:
+            windows.append([int(bos_id)] + ids[start:start + seq_len - 1])
         if spans is not None:
             spans.append((doc, start))
     return torch.tensor(windows, dtype=torch.long)
@@ -212,8 +218,8 @@ class WikiCalibration:
     def texts(self) -> list[str]:
         return _offline_texts(self.path, "calib")
 
-    def load(self, tokenizer: Any) -> Calibration:
-        return _windows(self, self.texts(), tokenizer)
+    def load(self, tokenizer: Any, bos_id: int | None = None) -> Calibration:
+        return _windows(self, self.texts(), tokenizer, bos_id)
 
 
 @dataclass
@@ -236,15 +242,17 @@ class HubCalibration:
                               f"({brief(err)})",
                               hint="check network access or the datasets cache (HF_DATASETS_OFFLINE)") from err
 
-    def load(self, tokenizer: Any) -> Calibration:
-        return _windows(self, self.texts(), tokenizer)
+    def load(self, tokenizer: Any, bos_id: int | None = None) -> Calibration:
+        return _windows(self, self.texts(), tokenizer, bos_id)
 
 
-def _windows(cfg: WikiCalibration | HubCalibration, texts: list[str], tokenizer: Any) -> Calibration:
+def _windows(cfg: WikiCalibration | HubCalibration, texts: list[str], tokenizer: Any,
+             bos_id: int | None = None) -> Calibration:
     from gradmap.metric import Calibration
 
     spans: list[tuple[int, int]] = []
-    input_ids = sample_windows(texts, tokenizer, int(cfg.num_samples), int(cfg.seq_len), int(cfg.seed), spans)
+    input_ids = sample_windows(texts, tokenizer, int(cfg.num_samples), int(cfg.seq_len), int(cfg.seed), spans,
+                               bos_id)
     return Calibration(input_ids=input_ids, batch_size=int(cfg.batch_size),
                        distinct_tokens=distinct_tokens(spans, int(cfg.seq_len)))
 
@@ -252,14 +260,14 @@ def _windows(cfg: WikiCalibration | HubCalibration, texts: list[str], tokenizer:
 CALIBRATION_CLASSES = (WikiCalibration, HubCalibration)
 
 
-def load_calibration(cfg: Any, tokenizer: Any) -> Calibration:
+def load_calibration(cfg: Any, tokenizer: Any, bos_id: int | None = None) -> Calibration:
     """Calibration windows from a config class, or from a `conf/calibration/*.yaml` node (built through its
-    `_target_`)."""
+    `_target_`); `bos_id`: windows start with it (`gradmap.windows`)."""
     if not isinstance(cfg, CALIBRATION_CLASSES):
         from hydra.utils import instantiate
 
         cfg = instantiate(cfg, _convert_="all")
-    return cfg.load(tokenizer)
+    return cfg.load(tokenizer, bos_id)
 
 
 @dataclass

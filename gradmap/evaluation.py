@@ -22,6 +22,7 @@ from gradmap.errors import ConfigError, brief
 from gradmap.lm_tasks import materialize_local_task, task_name
 from gradmap.models import model_device
 from gradmap.schema import option
+from gradmap.windows import cut_windows
 
 if TYPE_CHECKING:
     import torch
@@ -46,23 +47,25 @@ def input_device(model: nn.Module) -> torch.device:
 
 
 def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int, batch_size: int = 8,
-               max_windows: int | None = None, progress: bool = True) -> dict[str, Any]:
+               max_windows: int | None = None, progress: bool = True, bos_id: int | None = None) -> dict[str, Any]:
     """Token-level perplexity over non-overlapping windows (the GPTQ / SparseGPT / ShortGPT recipe).
 
     Window i is token_ids[i*seq_len:(i+1)*seq_len]; the incomplete tail is dropped; each window predicts its
     seq_len-1 next tokens from scratch (no context carried over). ppl = exp(total NLL / predicted tokens), with the
-    NLL summed in float64 so thousands of windows do not lose precision.
+    NLL summed in float64 so thousands of windows do not lose precision. `bos_id` (`gradmap.windows`): window i is
+    [BOS] + token_ids[i*(seq_len-1):(i+1)*(seq_len-1)]; the BOS is input only, so a window still predicts seq_len-1
+    tokens (all of its stream tokens).
 
-    Returns {"ppl", "nll" (mean NLL per predicted token), "tokens" (predicted tokens), "windows", "seq_len"}.
+    Returns {"ppl", "nll" (mean NLL per predicted token), "tokens" (predicted tokens), "windows", "seq_len", "bos"}.
     """
     import torch
 
     with torch.no_grad():
-        return _perplexity(model, token_ids, seq_len, batch_size, max_windows, progress)
+        return _perplexity(model, token_ids, seq_len, batch_size, max_windows, progress, bos_id)
 
 
 def _perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int, batch_size: int, max_windows: int | None,
-                progress: bool) -> dict[str, Any]:
+                progress: bool, bos_id: int | None = None) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -75,12 +78,11 @@ def _perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int, batch_s
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"max_windows={max_windows} must be >= 1 or None (all windows)")
-    num_windows = token_ids.numel() // seq_len
+    windows = cut_windows(token_ids, seq_len, bos_id, max_windows)
+    num_windows = windows.shape[0]
     if num_windows == 0:
-        raise ValueError(f"held-out text has {token_ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
-    if max_windows is not None:
-        num_windows = min(num_windows, max_windows)
-    windows = token_ids[:num_windows * seq_len].long().view(num_windows, seq_len)
+        raise ValueError(f"held-out text has {token_ids.numel()} tokens, fewer than one window of seq_len={seq_len}"
+                         + (" after a BOS" if bos_id is not None else ""))
 
     was_training = model.training
     model.eval()
@@ -95,7 +97,7 @@ def _perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int, batch_s
                 logits = model(input_ids=batch, use_cache=False).logits
                 # One row at a time: the float32 upcast of [batch, seq, vocab] logits is the memory peak. Targets
                 # follow the logits (the last device under device_map); float64 on the CPU (MPS has none).
-                for row, ids in zip(logits, batch):
+                for row, ids in zip(logits, batch):  # labels ids[1:]: a BOS at position 0 is never one
                     nll = F.cross_entropy(row[:-1].float(), ids[1:].to(row.device), reduction="none")
                     total_nll += nll.cpu().double().sum()
                 bar.update(batch.shape[0])
@@ -103,7 +105,8 @@ def _perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int, batch_s
         model.train(was_training)
     tokens = num_windows * (seq_len - 1)
     mean_nll = total_nll.item() / tokens
-    return {"ppl": math.exp(mean_nll), "nll": mean_nll, "tokens": tokens, "windows": num_windows, "seq_len": seq_len}
+    return {"ppl": math.exp(mean_nll), "nll": mean_nll, "tokens": tokens, "windows": num_windows, "seq_len": seq_len,
+            "bos": bos_id is not None}
 
 
 # ------------------------------------------------------------------------------------------------------ lm-eval
@@ -302,10 +305,13 @@ def _local_task_files(local: Mapping[str, LocalTask], tasks: list[str], out_dir:
     return files
 
 
-def evaluate(model: nn.Module, tokenizer: Any, evaluation: Evaluation, heldout: Sequence[Any] = ()) -> dict[str, Any]:
+def evaluate(model: nn.Module, tokenizer: Any, evaluation: Evaluation, heldout: Sequence[Any] = (),
+             bos_id: int | None = None) -> dict[str, Any]:
     """Run `evaluation` on the model.
 
     `heldout`: `gradmap.data.HeldoutText`s (name, corpus, split, token_ids), e.g. from `gradmap.data.load_heldout`.
+    `bos_id`: perplexity windows start with this BOS token (`gradmap.windows`). lm-eval encodes its requests with
+    the tokenizer's own special tokens (Gemma's adds `<bos>`: the record's `windows.tokenizer_adds_bos`).
     Returns {"perplexity": {name: {"corpus", "split", "seq_lens": {"<seq_len>": perplexity(...)}}},
     "lm_eval": run_lm_eval(...) or {}}; an empty `lm_eval.tasks` skips lm-eval.
     """
@@ -322,7 +328,7 @@ def evaluate(model: nn.Module, tokenizer: Any, evaluation: Evaluation, heldout: 
     for text in heldout if seq_lens else ():
         results["perplexity"][text.name] = {"corpus": text.corpus, "split": text.split, "seq_lens": {
             str(int(seq_len)): perplexity(model, text.token_ids, int(seq_len), batch_size=int(ppl.batch_size),
-                                          max_windows=ppl.max_windows)
+                                          max_windows=ppl.max_windows, bos_id=bos_id)
             for seq_len in seq_lens}}
 
     lm = evaluation.lm_eval

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from gradmap.errors import ConfigError, brief
 from gradmap.schema import DTYPE_ALIASES, LAYER_COUNT_ATTRS, MAX_POSITION_ATTRS, MODEL_ASSETS, option
+from gradmap.windows import WINDOW_BOS_ALLOWED
 
 if TYPE_CHECKING:
     import torch
@@ -163,6 +164,7 @@ class OfflineModel:
     asset: str = option(choices=MODEL_ASSETS)
     dtype: str = option(choices=tuple(DTYPE_ALIASES))
     device_map: Optional[Any] = option()  # null: the runner moves the model to `device`
+    window_bos: Optional[bool] = option(allowed=WINDOW_BOS_ALLOWED)  # windows start with BOS (gradmap.windows)
 
     def info(self, cache: Path) -> ModelInfo:
         from gradmap.assets import asset_command, check_asset
@@ -197,6 +199,7 @@ class HubModel:
     dtype: str = option(choices=tuple(DTYPE_ALIASES))
     device_map: Optional[Any] = option()  # auto: spread across all visible GPUs (accelerate)
     attn_implementation: Optional[str] = option()
+    window_bos: Optional[bool] = option(allowed=WINDOW_BOS_ALLOWED)  # windows start with BOS (gradmap.windows)
 
     def info(self, cache: Path) -> ModelInfo:
         try:
@@ -232,6 +235,7 @@ class TinyRandomModel:
     dtype: str = option(choices=tuple(DTYPE_ALIASES))
     device_map: Optional[Any] = option()
     config: dict = option(schema=TinyConfig, extra_keys=True)  # TinyConfig's keys; further keys go to LlamaConfig
+    window_bos: Optional[bool] = option(allowed=WINDOW_BOS_ALLOWED)  # windows start with BOS (gradmap.windows)
 
     def info(self, cache: Path) -> ModelInfo:
         return ModelInfo(self.config["num_layers"], self.config["max_position_embeddings"], "llama")

@@ -29,6 +29,10 @@ RESIDUAL_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 POST_MLP_NORMS = ("post_feedforward_layernorm",)
 # Norms applied to a sublayer's output before the residual add (Gemma 2/3): they absorb any scale folded before them.
 POST_SUBLAYER_NORMS = POST_MLP_NORMS + ("pre_feedforward_layernorm",)
+# A "sandwich" layer (Gemma 2/3) normalises each sublayer's input and output: its residual writers are the two
+# output norms, whose gains a scale folds into exactly; the input norms keep every reader scale-invariant.
+SANDWICH_INPUT_NORMS = ("input_layernorm", "pre_feedforward_layernorm")
+SANDWICH_WRITER_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
 
 
 def get_path(obj: Any, path: str) -> Any | None:

@@ -24,6 +24,9 @@ Our interpretation (the paper's exact formulas are not public):
   alpha -> inf gives A = I (no change). Folding: y' = A^T y, so W_down <- A^T W_down (and the bias likewise).
 * Multiple sites are fitted in depth order, each on the model with the earlier corrections already folded in; the
   dense targets are computed once, before any fold, from the removed layers kept in memory (their dense view).
+* Where a norm follows the MLP (Gemma 2/3), `post_norm` says what is folded instead (gradmap/post_norm.py: an
+  exact per-channel scale in the norm's gain, and/or an approximate map fitted through the norm); `refuse` refuses
+  such models. Layers without that norm take the path above, whatever `post_norm` says.
 * Guard (`guard=final_error`, our addition): a fit lowers the error at its own site by construction, but the layers
   after it can amplify what it changed (seen on SmolLM2 after an 11-layer gap: site error 0.95 -> 0.25, final-layer
   error 0.68 -> 1.61, perplexity 244 -> 2220). So after each fold the final-layer calibration error is measured
@@ -47,6 +50,8 @@ from gradmap.errors import ConfigError
 from gradmap.metric import Calibration, Cost, progress
 from gradmap.models import model_device
 from gradmap.module_paths import OUTPUT_PROJECTIONS, POST_MLP_NORMS, first_path
+from gradmap.post_norm import (POST_NORM_MODES, error_split, fit_direction_from, fit_scale_from, gain_offset,
+                               modules_of, norm_gain, post_mlp_norm, post_norm_sums, scale_gain)
 
 SITE_RULES = ("largest", "largest_gap", "topk", "before_gap")
 SHIFT_MEASURES = ("mean", "rms")
@@ -82,6 +87,12 @@ def fold_projection(linear: nn.Module, a: torch.Tensor) -> None:
         linear.weight.copy_(projected_weight(linear.weight, a, transposed))
         if getattr(linear, "bias", None) is not None:
             linear.bias.copy_((a.double().T @ linear.bias.double()).to(linear.bias.dtype))
+
+
+def identity_distance(a: torch.Tensor) -> float:
+    """||A - I||_F / sqrt(d): how far a fitted map is from changing nothing."""
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    return float(torch.linalg.matrix_norm(a - eye) / a.shape[0] ** 0.5)
 
 
 def shift_value(measure: str, stats: Mapping[str, torch.Tensor | float]) -> float:
@@ -127,18 +138,19 @@ class _Guard:
 
     def __init__(self, final_error: float):
         self.final_error = final_error
-        self.pending: tuple[dict[str, Any], nn.Module, dict[str, torch.Tensor]] | None = None
+        self.pending: tuple[dict[str, Any], list[nn.Module], list[dict[str, torch.Tensor]]] | None = None
 
-    def hold(self, report: dict[str, Any], proj: nn.Module, original: dict[str, torch.Tensor]) -> None:
-        self.pending = (report, proj, original)
+    def hold(self, report: dict[str, Any], modules: list[nn.Module], originals: list[dict[str, torch.Tensor]]) -> None:
+        self.pending = (report, modules, originals)
 
     def settle(self, err: float) -> bool:
         """Keep or undo the pending fold given the final error measured with it; True if undone."""
-        report, proj, original = self.pending
+        report, modules, originals = self.pending
         self.pending = None
         report["final_rel_error_with_fold"] = err
         if err > self.final_error:
-            proj.load_state_dict(original)  # bit-exact original weights
+            for module, original in zip(modules, originals):
+                module.load_state_dict(original)  # bit-exact original weights
             report["kept"] = False
             return True
         self.final_error = err
@@ -188,14 +200,19 @@ class ProjectionCompensation(Compensation):
         shift: `mean` | `rms`, how the drift at each kept layer is measured.
         alpha: ridge strength toward the identity, relative to tr(Y^T Y)/d.
         guard: `final_error` (undo a fold that raises the final-layer calibration error) | `none`.
+        post_norm: where a norm follows the MLP: `refuse` | `norm_scale` (exact) | `direction_approx` (default,
+            chosen on validation: README) | `direction_approx_norm_scale` (gradmap/post_norm.py); no effect on other
+            layers.
     """
 
     name = "projection"
 
     def __init__(self, sites: str = "before_gap", top_k: int = 2, shift: str = "mean", alpha: float = 3.0,
-                 guard: str = "final_error"):
+                 guard: str = "final_error", post_norm: str = "direction_approx"):
         if guard not in GUARDS:
             raise ConfigError("guard", guard, list(GUARDS))
+        if post_norm not in POST_NORM_MODES:
+            raise ConfigError("post_norm", post_norm, list(POST_NORM_MODES))
         if sites not in SITE_RULES:
             raise ConfigError("sites", sites, list(SITE_RULES))
         if shift not in SHIFT_MEASURES:
@@ -205,15 +222,20 @@ class ProjectionCompensation(Compensation):
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ConfigError("top_k", top_k, "an integer >= 1")
         self.sites, self.top_k, self.shift, self.alpha, self.guard = sites, top_k, shift, alpha, guard
+        self.post_norm = post_norm
 
     def check_compatible(self, model: nn.Module, removed: list[int]) -> None:
         layer = surgery.get_decoder_layers(model)[0]
         output_projection(layer)
-        for name in POST_MLP_NORMS:
-            if hasattr(layer, name):
-                raise IncompatibleCompensationError(
-                    f"projection compensation folds into the MLP output projection, but {type(layer).__name__} "
-                    f"applies `{name}` after it, so folding would not be exact; use compensation=none")
+        norm = post_mlp_norm(layer)
+        if norm is not None and self.post_norm == "refuse":
+            raise IncompatibleCompensationError(
+                f"{self.name} folds into the MLP output projection, but {type(layer).__name__} normalises the MLP "
+                f"output after it ({first_path(layer, POST_MLP_NORMS)[0]}), so that fold would not be exact; set "
+                f"compensation.post_norm to one of "
+                f"{[m for m in POST_NORM_MODES if m != 'refuse']} (gradmap/post_norm.py), or use compensation=none")
+        if norm is not None and not isinstance(getattr(norm, "weight", None), torch.Tensor):
+            raise IncompatibleCompensationError(f"{type(norm).__name__} after the MLP has no weight to fold into")
 
     # -- passes over the calibration data --------------------------------------------------------------------
 
@@ -272,21 +294,26 @@ class ProjectionCompensation(Compensation):
         final_targets = targets[aligned[last]]
         guard = _Guard(before[last])
         for j in progress(sites, desc=f"{self.name}: fitting sites", unit="site"):
-            proj = output_projection(layers[j])
+            proj, norm = output_projection(layers[j]), post_mlp_norm(layers[j])
             # The pass that fits site j also measures the final error with the previous fold: the guard is free.
-            yty, ytt, err = self._normal_equations(model, calib, j, proj, targets[aligned[j]], last, final_targets)
+            stats, err = self._site_pass(model, calib, j, proj, norm, targets[aligned[j]], last, final_targets)
             if guard.pending is not None and guard.settle(err):  # undone: that pass saw the wrong model
-                yty, ytt, _ = self._normal_equations(model, calib, j, proj, targets[aligned[j]], last, final_targets)
-            a = fit_projection(yty, ytt, self.alpha)
-            original = {k: v.detach().clone() for k, v in proj.state_dict().items()}
-            fold_projection(proj, a)
-            eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-            site_reports.append({"kept_position": j, "original_layer": kept[j], "aligned_dense_layer": aligned[j],
-                                 "shift": shifts[j], "rel_error_before": before[j],
-                                 "identity_distance": float(torch.linalg.matrix_norm(a - eye) / a.shape[0] ** 0.5),
-                                 "kept": True})
+                stats, _ = self._site_pass(model, calib, j, proj, norm, targets[aligned[j]], last, final_targets)
+            modules = [proj] if norm is None else list(modules_of(self.post_norm, proj, norm))
+            original = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+            report = {"kept_position": j, "original_layer": kept[j], "aligned_dense_layer": aligned[j],
+                      "shift": shifts[j], "rel_error_before": before[j]}
+            if norm is None:
+                a = fit_projection(*stats, self.alpha)
+                fold_projection(proj, a)
+                report["identity_distance"] = identity_distance(a)
+            else:
+                report.update(self._fold_post_norm(model, calib, j, proj, norm, stats, targets[aligned[j]], last,
+                                                   final_targets))
+            report["kept"] = True
+            site_reports.append(report)
             if self.guard == "final_error":
-                guard.hold(site_reports[-1], proj, original)
+                guard.hold(site_reports[-1], modules, original)
         after = self._errors(model, calib, watch, targets, aligned)
         if guard.pending is not None and guard.settle(after[last]):
             after = self._errors(model, calib, watch, targets, aligned)
@@ -298,8 +325,36 @@ class ProjectionCompensation(Compensation):
             "final_rel_error_before": before[last],
             "final_rel_error_after": after[last],
             "rule": self.sites, "shift_measure": self.shift, "alpha": self.alpha, "guard": self.guard,
+            **({"post_norm": self.post_norm} if any("post_norm" in r for r in site_reports) else {}),
             "sites_undone": [rep["original_layer"] for rep in site_reports if not rep["kept"]],
         }
+
+    def _site_pass(self, model, calib, j, proj, norm, targets, last, final_targets) -> tuple[Any, float]:
+        """(the fit's statistics at kept layer j, the final-layer error of the model as it stands), in one pass."""
+        if norm is None:
+            yty, ytt, err = self._normal_equations(model, calib, j, proj, targets, last, final_targets)
+            return (yty, ytt), err
+        sums = post_norm_sums(model, calib, j, proj, norm, targets, last, final_targets,
+                              direction=self.post_norm != "norm_scale")
+        return sums, sums.final_error
+
+    def _fold_post_norm(self, model, calib, j, proj, norm, sums, targets, last, final_targets) -> dict[str, Any]:
+        """Fit and fold at a site whose MLP output passes through a norm (`post_norm`, gradmap/post_norm.py); the
+        report says how the site's error splits (magnitude / direction) and what each fit predicted."""
+        offset = gain_offset(norm)
+        out: dict[str, Any] = {"post_norm": self.post_norm, **error_split(sums)}
+        if self.post_norm.startswith("direction_approx"):
+            a, out["direction_predicted_rel_error"] = fit_direction_from(sums, norm_gain(norm, offset), self.alpha)
+            fold_projection(proj, a)
+            out["identity_distance"] = identity_distance(a)
+            if self.post_norm.endswith("norm_scale"):  # the scale is refitted on the corrected outputs
+                sums = post_norm_sums(model, calib, j, proj, norm, targets, last, final_targets, direction=False)
+                out["rel_error_after_direction"] = error_split(sums)["rel_error_at_fit"]
+        if self.post_norm.endswith("norm_scale"):
+            s, out["scale_predicted_rel_error"] = fit_scale_from(sums, self.alpha)
+            scale_gain(norm, s, offset)
+            out["scale_min_max"] = [float(s.min()), float(s.max())]
+        return out
 
     @torch.no_grad()
     def _normal_equations(self, model, calib, j, proj, targets: list[torch.Tensor], last: int,

@@ -52,7 +52,8 @@ class RunRecord:
     prune_ratio: float | None = None
     effective_prune_ratio: float | None = None
     dtype: str | None = None
-    calibration: dict[str, Any] | None = None  # num_samples, seq_len, tokens, split
+    windows: dict[str, Any] | None = None  # BOS at the start of every window: bos, bos_token_id, decided_by, ...
+    calibration: dict[str, Any] | None = None  # num_samples, seq_len, tokens, split, bos
     heldout: dict[str, Any] | None = None  # per text: corpus, split, tokens
     dense_from_cache: str | None = None  # the dense-evaluation cache entry used (None: evaluated in this run)
     results: dict[str, Any] | None = None  # dense, pruned, retained_pct, headline {dense, pruned}
@@ -87,6 +88,7 @@ class RunRecord:
         raw = copy.deepcopy(raw)
         if version == 0:
             raw = upgrade_v0(raw)
+        _fill_added_keys(raw)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         rec = cls(**{k: v for k, v in raw.items() if k in names})
         rec.extra = {k: v for k, v in raw.items() if k not in names}
@@ -138,6 +140,30 @@ def _retarget(config: dict[str, Any], group: str, dispatch_key: str, targets: di
     target = targets[node.pop(dispatch_key)]
     config[group] = {"_target_": target, **node}
     return target
+
+
+# Compensation keys added after records were written, with the value that means what the earlier code did on
+# every model it finished a job on: `post_norm` changes nothing on a model without a norm after the MLP, and the
+# earlier code refused every model with one, so a finished record gets today's default (tests/test_windows.py
+# checks these against the classes' defaults).
+ADDED_COMPENSATION_KEYS = {"gradmap.projection.ProjectionCompensation": {"post_norm": "direction_approx"},
+                           "baselines.replaceme.ReplaceMe": {"post_norm": "refuse"}}
+
+
+def _fill_added_keys(raw: dict[str, Any]) -> None:
+    """A record from before `model.window_bos` (or a compensation key of ADDED_COMPENSATION_KEYS) gets the value that
+    means what its code did (no BOS windows: `gradmap.windows.legacy_window_bos`), so a finished job compares equal
+    to the same job today and is not rerun."""
+    from gradmap.windows import legacy_window_bos
+
+    config = raw.get("config") or {}
+    model = config.get("model")
+    if isinstance(model, dict) and "_target_" in model and "window_bos" not in model:
+        model["window_bos"] = legacy_window_bos(raw.get("model_class"), model)
+    comp = config.get("compensation")
+    if isinstance(comp, dict):
+        for key, value in ADDED_COMPENSATION_KEYS.get(comp.get("_target_"), {}).items():
+            comp.setdefault(key, value)
 
 
 def upgrade_v0(raw: dict[str, Any]) -> dict[str, Any]:

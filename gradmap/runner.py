@@ -37,6 +37,7 @@ from gradmap.oom import ParamFingerprint, retry_halving
 from gradmap.record import RunRecord, environment
 from gradmap.stages import StageRecorder
 from gradmap.validation import Checked
+from gradmap.windows import decide_window_bos
 
 
 def seed_everything(seed: int) -> None:
@@ -136,6 +137,7 @@ class Run:
         self.record.environment = environment()
         self.recorder = StageRecorder(checked.device if checked.device != "auto" else resolve_device("auto"))
         self.logger = None
+        self.bos_id: int | None = None  # windows start with this token (gradmap.windows), decided once loaded
 
     def save(self) -> None:
         self.record.timings = self.recorder.as_dict()
@@ -186,11 +188,15 @@ class Run:
         # Checked on the architecture already; this is the loaded model (cheap).
         compensation.check_compatible(model, [])
 
+        windows = decide_window_bos(checked.model.window_bos, model.config, tokenizer)
+        rec.windows = windows.as_dict()
+        self.bos_id = windows.token
         with stage("calibration"):
-            calib = checked.calibration.load(tokenizer)
+            calib = checked.calibration.load(tokenizer, self.bos_id)
             heldout = load_heldout(checked.evaluation.heldout, tokenizer, tuning=checked.config["tuning"])
         rec.calibration = {"num_samples": int(calib.input_ids.shape[0]), "seq_len": int(calib.input_ids.shape[1]),
-                           "tokens": calib.num_tokens, "distinct_tokens": calib.distinct_tokens, "split": "calib"}
+                           "tokens": calib.num_tokens, "distinct_tokens": calib.distinct_tokens, "split": "calib",
+                           "bos": windows.bos}
         rec.heldout = {t.name: {"corpus": t.corpus, "split": t.split, "tokens": int(t.token_ids.numel())}
                        for t in heldout}
 
@@ -250,7 +256,7 @@ class Run:
     def _select(self, model, metric, calib, n: int) -> Selection:
         """Score and choose layers through the selection cache (`SelectionCache.get_or_compute`); the stage's time
         is split into the scoring passes (`score`) and the choosing in between (`select`)."""
-        key, log, total = selection_key(self.cfg), DecisionLog(self.logger), 0.0
+        key, log, total = selection_key(self.cfg, self.bos_id is not None), DecisionLog(self.logger), 0.0
 
         def compute(resume: Selection | None) -> Selection:
             nonlocal total
@@ -277,7 +283,7 @@ class Run:
         """Selection and compensation in one loop (the selection depends on the compensation): cached under a key
         that includes the compensation config; cached decisions are replayed (removal and fold, no rescoring). The
         fresh decisions' own time and tokens are booked to `score` and `select`, the rest stays `compensate`."""
-        key, log, report = interleaved_key(self.cfg), DecisionLog(self.logger), {}
+        key, log, report = interleaved_key(self.cfg, self.bos_id is not None), DecisionLog(self.logger), {}
 
         def compute(resume: Selection | None) -> Selection:
             nonlocal report
@@ -333,7 +339,7 @@ class Run:
             lm_bs = max(1, int(evaluation.lm_eval.batch_size) * bs // first)
             ev = dataclasses.replace(evaluation, perplexity=dataclasses.replace(evaluation.perplexity, batch_size=bs),
                                      lm_eval=dataclasses.replace(evaluation.lm_eval, batch_size=lm_bs))
-            return evaluate(model, tokenizer, ev, heldout)
+            return evaluate(model, tokenizer, ev, heldout, self.bos_id)
 
         return retry_halving(attempt, stage=stage, key="eval.perplexity.batch_size", batch_size=first,
                              on_retry=self.record.oom_retries.append)
@@ -346,7 +352,7 @@ class Run:
 
     def _dense_results(self, model, tokenizer, heldout) -> dict[str, Any]:
         cfg, evaluation = self.cfg, self.checked.evaluation
-        key = dense_cache_key(cfg)
+        key = dense_cache_key(cfg, self.bos_id is not None)
         cache_file = self.checked.cache / "dense_eval" / f"{key}.json"
         cached = read_json_entry(cache_file) if evaluation.cache_dense else None
         if cached is not None:

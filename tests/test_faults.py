@@ -104,7 +104,7 @@ def test_sigterm_and_ctrl_c_record_the_reason_and_print_one_line(tmp_path, signu
 # -------------------------------------------------------------------------------------------------- caches
 
 def _selection_path(tmp_path: Path, cfg) -> Path:
-    return tmp_path / "cache" / "selections" / f"{selection_key(cfg)}.json"
+    return tmp_path / "cache" / "selections" / f"{selection_key(cfg, False)}.json"
 
 
 @pytest.mark.parametrize("bad", [

@@ -20,7 +20,7 @@ def smollm2():
     from gradmap.models import OfflineModel
 
     torch.set_num_threads(2)
-    model, tok = OfflineModel(asset="smollm2_135m", dtype="float32", device_map=None).load()
+    model, tok = OfflineModel(asset="smollm2_135m", dtype="float32", device_map=None, window_bos=None).load()
     yield model, tok
     torch.set_num_threads(1)
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from baselines.ppl import PerplexityDrop
 from baselines.sleb import SLEB
-from gradmap.cache import CACHE_VERSION, selection_key, stable_hash
+from gradmap.cache import CACHE_VERSION, model_key, selection_key, stable_hash, without_memory_knobs
 from gradmap.metric import Calibration, Cost, count_forward_tokens
 from gradmap.models import tiny_random_llama
 
@@ -111,14 +111,15 @@ def test_sleb_cached_selections_from_before_the_fix_are_not_reused(tmp_path):
 
     for metric, revision in (("sleb", 1), ("gradmap", 0), ("ppl", 0)):
         cfg = make_cfg(tmp_path, f"metric={metric}")
-        parts = {"model": OmegaConf.to_container(cfg.model, resolve=True),
-                 "metric": OmegaConf.to_container(cfg.metric, resolve=True),
+        # the key as it was computed before: no window_bos key, no memory-only metric keys (issues 20, 17)
+        parts = {"model": model_key(cfg, False),
+                 "metric": without_memory_knobs(OmegaConf.to_container(cfg.metric, resolve=True)),
                  "calibration": OmegaConf.to_container(cfg.calibration, resolve=True),
                  "seed": cfg.seed, "dtype": cfg.get("dtype"), "v": CACHE_VERSION}
         old_key = stable_hash(parts)
-        assert (selection_key(cfg) == old_key) == (revision == 0), metric
+        assert (selection_key(cfg, False) == old_key) == (revision == 0), metric
         if revision:
-            assert selection_key(cfg) == stable_hash({**parts, "scoring_revision": revision})
+            assert selection_key(cfg, False) == stable_hash({**parts, "scoring_revision": revision})
 
 
 # ------------------------------------------------------------------------------------- Taylor+ and PPL+

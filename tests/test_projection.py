@@ -372,6 +372,6 @@ def test_gemma3_post_mlp_norm_is_refused():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     removed = surgery.remove_layers(model, [1])
     with pytest.raises(IncompatibleCompensationError, match="post_feedforward_layernorm"):
-        ProjectionCompensation().apply(model, removed, make_calib(), Cost())
+        ProjectionCompensation(post_norm="refuse").apply(model, removed, make_calib(), Cost())
     with surgery.dense_view(model, removed):
         surgery.assert_same_weights(state, model.state_dict())

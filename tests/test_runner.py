@@ -114,26 +114,39 @@ def test_failed_job_leaves_failed_record(tmp_path):
 
 def test_cache_keys_track_relevant_config_only(tmp_path):
     base = make_cfg(tmp_path)
-    key = selection_key(base)
-    assert selection_key(make_cfg(tmp_path, "prune_ratio=0.5")) == key  # the ratio is not part of the key
-    assert selection_key(make_cfg(tmp_path, "compensation=none")) == key
-    assert selection_key(make_cfg(tmp_path, "eval.perplexity.batch_size=2")) == key
+    key = selection_key(base, False)
+    assert selection_key(make_cfg(tmp_path, "prune_ratio=0.5"), False) == key  # the ratio is not part of the key
+    assert selection_key(make_cfg(tmp_path, "compensation=none"), False) == key
+    assert selection_key(make_cfg(tmp_path, "eval.perplexity.batch_size=2"), False) == key
     for change in ("metric.reduction=l2", "calibration.num_samples=2", "seed=1", "model.config.seed=3"):
-        assert selection_key(make_cfg(tmp_path, change)) != key, change
-    dkey = dense_cache_key(base)
-    assert dense_cache_key(make_cfg(tmp_path, "metric.reduction=l2")) == dkey
-    assert dense_cache_key(make_cfg(tmp_path, "prune_ratio=0.5")) == dkey
-    assert dense_cache_key(make_cfg(tmp_path, "eval.perplexity.seq_lens=[8]")) != dkey
-    assert dense_cache_key(make_cfg(tmp_path, "model.config.seed=3")) != dkey
+        assert selection_key(make_cfg(tmp_path, change), False) != key, change
+    dkey = dense_cache_key(base, False)
+    assert dense_cache_key(make_cfg(tmp_path, "metric.reduction=l2"), False) == dkey
+    assert dense_cache_key(make_cfg(tmp_path, "prune_ratio=0.5"), False) == dkey
+    assert dense_cache_key(make_cfg(tmp_path, "eval.perplexity.seq_lens=[8]"), False) != dkey
+    assert dense_cache_key(make_cfg(tmp_path, "model.config.seed=3"), False) != dkey
     # The seed matters only when lm-eval runs (eval=tiny is perplexity only): one dense evaluation per sweep.
-    assert dense_cache_key(make_cfg(tmp_path, "seed=1")) == dkey
-    with_tasks = dense_cache_key(make_cfg(tmp_path, "eval.lm_eval.tasks=[social_iqa_bigbench]"))
-    assert dense_cache_key(make_cfg(tmp_path, "eval.lm_eval.tasks=[social_iqa_bigbench]", "seed=1")) != with_tasks
+    assert dense_cache_key(make_cfg(tmp_path, "seed=1"), False) == dkey
+    with_tasks = dense_cache_key(make_cfg(tmp_path, "eval.lm_eval.tasks=[social_iqa_bigbench]"), False)
+    assert dense_cache_key(make_cfg(tmp_path, "eval.lm_eval.tasks=[social_iqa_bigbench]", "seed=1"),
+                           False) != with_tasks
+
+
+def test_cache_keys_follow_what_window_bos_resolved_to(tmp_path):
+    """`model.window_bos: null` on a family without BOS windows keeps the key the config had before the key
+    existed (same computation, caches stay valid); BOS windows or an explicit value give other keys."""
+    base = make_cfg(tmp_path)
+    legacy = OmegaConf.create(OmegaConf.to_container(base))
+    del legacy.model["window_bos"]
+    for key in (selection_key, dense_cache_key):
+        assert key(base, False) == key(legacy, False)
+        assert key(base, True) != key(base, False)
+        assert key(make_cfg(tmp_path, "model.window_bos=false"), False) != key(base, False)
 
 
 def test_corrupt_selection_cache_is_recomputed(tmp_path):
     cfg = make_cfg(tmp_path, "num_prune=1")
-    path = tmp_path / "cache" / "selections" / f"{selection_key(cfg)}.json"
+    path = tmp_path / "cache" / "selections" / f"{selection_key(cfg, False)}.json"
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
     rec = run(cfg, tmp_path / "job", CHOICES)
