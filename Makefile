@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup assets assets-extra run test test-fast clean-outputs
+.PHONY: setup assets assets-extra run lint test test-fast clean-outputs
 
 # Reinstall when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -32,7 +32,11 @@ assets-extra: setup
 run: assets
 	$(BIN)/python run.py
 
-test: assets
+# pyflakes, pycodestyle errors/warnings and import order ([tool.ruff] in pyproject.toml); part of `make test`.
+lint: setup
+	$(BIN)/ruff check .
+
+test: assets lint
 	$(BIN)/python -m pytest -q
 
 # Unit tests only (no real model), seconds.

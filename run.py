@@ -48,6 +48,7 @@ def main(cfg: DictConfig):
 def hydra_error_line(err: BaseException) -> str:
     """Hydra's and OmegaConf's multi-line composition errors as one line (the key is in the message)."""
     from hydra.errors import MissingConfigException, OverrideParseException
+
     from gradmap.errors import one_line
     from gradmap.overrides import lexer_error_line
 

@@ -160,7 +160,8 @@ class SpanMetric(LayerMetric):
             raise ConfigError("num_prune", num_prune, f"1..{max(longest, 0)}",
                               problem=f"{type(self).__name__}: no span of {num_prune} layers fits a {original_count}-"
                                       f"layer model with protect_first={self.protect_first}, protect_last="
-                                      f"{self.protect_last}" + (" (the span cannot start at layer 0)" if self.lead else ""))
+                                      f"{self.protect_last}"
+                                      + (" (the span cannot start at layer 0)" if self.lead else ""))
 
     def select(self, model: nn.Module, calib: Calibration, num_prune: int, cost: Cost,
                resume: Selection | None = None, on_decision: DecisionCallback | None = None) -> Selection:

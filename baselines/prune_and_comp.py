@@ -15,9 +15,15 @@ from gradmap.capture import dense_final_states, final_rel_error, layer_io_stats,
 from gradmap.compensation import Compensation, IncompatibleCompensationError
 from gradmap.errors import ConfigError
 from gradmap.metric import Calibration, Cost, Decision, DecisionCallback, LayerMetric, Reuse, Selection, progress
-from gradmap.module_paths import (POST_SUBLAYER_NORMS, RESIDUAL_WRITERS, SANDWICH_INPUT_NORMS, SANDWICH_WRITER_NORMS,
-                                  get_path)
+from gradmap.module_paths import (
+    POST_SUBLAYER_NORMS,
+    RESIDUAL_WRITERS,
+    SANDWICH_INPUT_NORMS,
+    SANDWICH_WRITER_NORMS,
+    get_path,
+)
 from gradmap.post_norm import gain_offset, scale_gain
+
 
 def embeddings_tied(model: nn.Module) -> bool:
     out = model.get_output_embeddings()

@@ -13,9 +13,9 @@ from torch import nn
 from gradmap import surgery
 from gradmap.capture import dense_final_states, dense_states, final_rel_error, hidden_of, layer_calls
 from gradmap.compensation import Compensation, IncompatibleCompensationError
+from gradmap.errors import ConfigError
 from gradmap.metric import Calibration, Cost, progress
 from gradmap.models import model_device
-from gradmap.errors import ConfigError
 
 PARTS = ("layer", "ffn")
 

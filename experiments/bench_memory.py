@@ -5,7 +5,8 @@ each layer in the backward (`metric.gradient_checkpointing=true`) and applies th
 positions (`metric.loss_chunk_tokens`, gradmap/lm_loss.py), so its peak should be close to a forward's. The
 `_plain` rows are the same metrics with both knobs off (this repository's behaviour before issue 17). Each mode runs
 in a fresh process (CPU: peak RSS over the loaded model; CUDA: max allocated over the loaded model), after one
-warm-up pass (time: the median of `--repeat` passes); metrics are built from their YAML (conf/metric), so the defaults measured are the shipped ones.
+warm-up pass (time: the median of `--repeat` passes); metrics are built from their YAML (conf/metric), so the
+defaults measured are the shipped ones.
 
     python -m experiments.bench_memory                       # SmolLM2-135M offline, 8 x 128 tokens
     python -m experiments.bench_memory --model tiny_random   # seconds, for a smoke check
@@ -97,8 +98,9 @@ def table(rows: dict[str, dict], header: str) -> str:
                      f"{r['seconds']:>10.2f}{r['seconds'] / ref['seconds']:>11.2f}")
     if "gradmap" in rows and "gradmap_plain" in rows:
         g, p = rows["gradmap"], rows["gradmap_plain"]
-        lines.append(f"GradMAP scoring peak / BI peak: {p['peak_over_loaded_bytes'] / ref['peak_over_loaded_bytes']:.2f}"
-                     f" before (no checkpointing, full logits) -> {g['peak_over_loaded_bytes'] / ref['peak_over_loaded_bytes']:.2f}"
+        bi = ref["peak_over_loaded_bytes"]
+        lines.append(f"GradMAP scoring peak / BI peak: {p['peak_over_loaded_bytes'] / bi:.2f}"
+                     f" before (no checkpointing, full logits) -> {g['peak_over_loaded_bytes'] / bi:.2f}"
                      f" now; time {g['seconds'] / p['seconds']:.2f}x before's")
     return "\n".join(lines)
 

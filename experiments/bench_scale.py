@@ -6,7 +6,7 @@ Random weights make the scores meaningless but the cost real: time, memory and t
 
     python -m experiments.bench_scale --arch llama2_7b --device cuda        # on a GPU (7B bf16: ~14 GB on disk)
     python -m experiments.bench_scale --arch tiny --device cpu --seq-len 64 --num-samples 4 --batch-size 2 \
-        --num-prune 2                                                        # seconds on a CPU (tests/test_bench_scale.py)
+        --num-prune 2                                       # seconds on a CPU (tests/test_bench_scale.py)
 
 On a GPU machine without network access, to which only a small folder can be copied (README, "GPU check"), the
 folder needs: this project's code (gradmap/, baselines/, experiments/, conf/, run.py), hydra-core, omegaconf and
@@ -124,7 +124,8 @@ def table(rows: list[dict], info: dict, args: argparse.Namespace) -> str:
     lines = [f"{info['arch']}-shaped {info['model_type']} ({info['parameters'] / 1e9:.2f}B parameters, {info['dtype']},"
              f" random weights), {args.device}; calibration {args.num_samples} x {args.seq_len} tokens, micro-batch "
              f"{args.batch_size}; {args.num_prune} of {info['num_hidden_layers']} layers removed",
-             "", f"| metric | scoring time (s) | peak memory, scoring ({unit}, GiB) | peak / BI's | tokens (fwd + bwd) |",
+             "", f"| metric | scoring time (s) | peak memory, scoring ({unit}, GiB) | peak / BI's "
+                 "| tokens (fwd + bwd) |",
              "|---|---:|---:|---:|---:|"]
     bi = by.get("bi")
     for r in rows:
@@ -135,8 +136,9 @@ def table(rows: list[dict], info: dict, args: argparse.Namespace) -> str:
         lines.append(f"| {r['name']} | {r['score_seconds']:.2f} | {r['peak_bytes'] / gib:.2f} | {ratio} | "
                      f"{r['forward_tokens']:,} + {r['backward_tokens']:,} |")
     ratios = []
-    for a, b, what in (("gradmap", "bi", "peak"), ("gradmap_plain", "gradmap", "peak"), ("gradmap", "gradmap_plain", "time"),
-                       ("sleb", "gradmap", "time"), ("gradmap_verify", "gradmap", "time"), ("sleb", "gradmap_verify", "time")):
+    pairs = (("gradmap", "bi", "peak"), ("gradmap_plain", "gradmap", "peak"), ("gradmap", "gradmap_plain", "time"),
+             ("sleb", "gradmap", "time"), ("gradmap_verify", "gradmap", "time"), ("sleb", "gradmap_verify", "time"))
+    for a, b, what in pairs:
         if a in by and b in by:
             key = "peak_bytes" if what == "peak" else "score_seconds"
             ratios.append(f"{a}/{b} {what} {by[a][key] / max(by[b][key], 1e-12):.2f}")
@@ -180,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps({"model": info, "args": {k: str(v) for k, v in vars(args).items()},
-                                                           "rows": rows}, indent=1))
-        (args.out / "results.md").write_text(f"```\npython -m experiments.bench_scale {' '.join(argv or sys.argv[1:])}\n```\n\n"
-                                             + text + "\n")
+        settings = {k: str(v) for k, v in vars(args).items()}
+        (args.out / "results.json").write_text(json.dumps({"model": info, "args": settings, "rows": rows}, indent=1))
+        command = f"python -m experiments.bench_scale {' '.join(argv or sys.argv[1:])}"
+        (args.out / "results.md").write_text(f"```\n{command}\n```\n\n{text}\n")
     return 0 if all(r["status"] == "done" for r in rows) else 1
 
 

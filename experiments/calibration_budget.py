@@ -27,14 +27,14 @@ import pandas as pd
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from experiments.stability import stability
 from gradmap.cache import SelectionCache, cache_root_of, selection_key
 from gradmap.data import load_calibration
-from gradmap.windows import decide_window_bos
 from gradmap.metric import Cost, Selection, count_forward_tokens
 from gradmap.models import load_model
 from gradmap.runner import seed_everything
 from gradmap.validation import num_to_prune
-from experiments.stability import stability
+from gradmap.windows import decide_window_bos
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_METRICS = ["bi", "taylor", "streamline", "angular", "gradmap",
@@ -79,7 +79,8 @@ def selection_for(overrides: list[str], model, tokenizer, cache: SelectionCache)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.calibration_budget", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.calibration_budget",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--metrics", nargs="+", default=DEFAULT_METRICS)
     parser.add_argument("--samples", nargs="+", type=int, default=[8, 32, 128], help="windows of --seq-len tokens")

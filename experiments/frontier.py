@@ -40,10 +40,25 @@ from typing import Any, Iterable, Iterator, Sequence
 import pandas as pd
 
 from experiments.frontier_plot import dense_reference, plot_frontier
+from experiments.records import (
+    LABEL_IGNORE,
+    NoRecordsError,
+    ReportedRun,
+    choice,
+    failed_notes,
+    failed_values,
+    label_variants,
+    load_records,
+    num,
+    out_dir_problem,
+    print_written,
+    protocol,
+    pruning_seconds,
+    pruning_tokens,
+    ratio_of,
+    result_columns,
+)
 from experiments.stability import mean_jaccard
-from experiments.records import (LABEL_IGNORE, NoRecordsError, ReportedRun, choice, failed_notes, failed_values,
-                                 label_variants, load_records, num, out_dir_problem, print_written, protocol,
-                                 pruning_seconds, pruning_tokens, ratio_of, result_columns)
 
 GROUP = ["model", "prune_ratio", "metric", "compensation", "budget_tokens", "calib_samples", "calib_seq_len"]
 COSTS = {"tokens": "pruning_tokens", "seconds": "pruning_seconds"}

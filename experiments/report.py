@@ -34,8 +34,21 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.records import (NoRecordsError, ReportedRun, failed_notes, load_records, mean, num, out_dir_problem,
-                                 print_written, protocol, pruning_seconds, pruning_tokens, result_columns, row_key)
+from experiments.records import (
+    NoRecordsError,
+    ReportedRun,
+    failed_notes,
+    load_records,
+    mean,
+    num,
+    out_dir_problem,
+    print_written,
+    protocol,
+    pruning_seconds,
+    pruning_tokens,
+    result_columns,
+    row_key,
+)
 from experiments.report_plots import DENSE, plot_importance, plot_ppl_vs_ratio, plot_pruning_time
 
 __all__ = ["NoRecordsError", "build_table", "load_records", "main", "to_latex", "to_markdown", "write_report"]
@@ -93,7 +106,8 @@ def build_table(records: list[ReportedRun], baseline: str | None = None) -> tupl
     notes += nan_notes
     for rec, col in cells:  # a failed seed makes the mean unknown: never the other seeds' mean under "N runs"
         row = (pruned[KEY] == pd.Series(dict(zip(KEY, row_key(rec))))).all(axis=1)
-        spoilt = [col, f"{col} sd" if col in ppl else f"{col} se"] + (["task_avg", "retained_pct"] if col in acc else [])
+        spoilt = [col, f"{col} sd" if col in ppl else f"{col} se"]
+        spoilt += ["task_avg", "retained_pct"] if col in acc else []
         pruned.loc[row, [c for c in spoilt if c in pruned.columns]] = math.nan
 
     ref = pruned.groupby(["model", "prune_ratio"])["pruning_seconds"].transform("max")

@@ -13,7 +13,6 @@ with --out, writes `<model>_<task>.json` (accuracy, standard error, chance, marg
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -26,7 +26,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gradmap.errors import MEMORY_ONLY_METRIC_KEYS
-
 from gradmap.files import atomic_write_json, json_default, move_aside, read_json
 from gradmap.metric import OPTIONAL_DECISION_FIELDS, Decision, Reuse, Selection
 
@@ -144,7 +143,8 @@ def check_selection(sel: Any, n: int, num_layers: int | None) -> None:
         raise CacheEntryError(f"selection {n}: removal_order {order} is out of range for {num_layers} layers")
     removed: list[int] = []
     for d in sel["decisions"]:
-        if not isinstance(d, dict) or not set(DECISION_FIELDS) <= set(d) <= set(DECISION_FIELDS) | set(OPTIONAL_DECISION_FIELDS):
+        allowed = set(DECISION_FIELDS) | set(OPTIONAL_DECISION_FIELDS)
+        if not isinstance(d, dict) or not set(DECISION_FIELDS) <= set(d) <= allowed:
             raise CacheEntryError(f"selection {n}: a decision has keys {sorted(d) if isinstance(d, dict) else d!r}, "
                                   f"expected {sorted(DECISION_FIELDS)}")
         for key, kind in DECISION_FIELDS.items():

@@ -35,7 +35,8 @@ def save_plain_checkpoint(model: Any, tokenizer: Any, out_dir: str | os.PathLike
         # Tied embeddings legitimately appear as "missing" lm_head weights.
         missing = [k for k in missing if not (k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
         if missing or unexpected:
-            raise RuntimeError(f"rebuilding the model for saving lost weights: missing={missing} unexpected={unexpected}")
+            raise RuntimeError(f"rebuilding the model for saving lost weights: missing={missing} "
+                               f"unexpected={unexpected}")
         clean.save_pretrained(out, safe_serialization=True)
     else:
         model.save_pretrained(out, safe_serialization=True)

@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from gradmap.metric import Calibration, Cost
 from gradmap.errors import ConfigError
+from gradmap.metric import Calibration, Cost
 
 
 class IncompatibleCompensationError(ConfigError):

@@ -85,7 +85,8 @@ def read_jsonl_texts(path: str | Path, key: str = "path") -> list[str]:
                     del line  # a long line: keep one copy of its text, not two
                     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                         raise ConfigError(key, str(path), allowed, problem=f"line {lineno} has no 'text' string "
-                                          f"(keys: {sorted(record) if isinstance(record, dict) else type(record).__name__})")
+                                          "(keys: "
+                                          f"{sorted(record) if isinstance(record, dict) else type(record).__name__})")
                     texts += split_long(record.pop("text"))
     except UnicodeDecodeError as err:
         raise ConfigError(key, str(path), "a UTF-8 text file", problem=f"line {lineno + 1} is not UTF-8 "

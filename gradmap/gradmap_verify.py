@@ -150,7 +150,8 @@ class GradMAPVerify(GradMAPMetric):
                 if len(alive) == 1:
                     break
                 w = min(windows, 2 * w)
-        return [math.exp(sums[c][0] / sums[c][1]) for c in candidates], [seen[c] * seq_len for c in candidates], alive[0]
+        ppls = [math.exp(sums[c][0] / sums[c][1]) for c in candidates]
+        return ppls, [seen[c] * seq_len for c in candidates], alive[0]
 
     def _fresh_screen(self, step: int, decisions: list[Decision], screen_step: int | None) -> bool:
         """Screen anew at this decision? Always when screen_every=1; else when no screen exists yet, when the last

@@ -34,7 +34,8 @@ def chunkable(model: nn.Module) -> bool:
             and model.get_output_embeddings() is not None)
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None) -> torch.Tensor:
+def _chunk_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module,
+                    softcap: float | None) -> torch.Tensor:
     """Summed cross-entropy of one chunk of positions ([n, d] hidden, [n] targets; IGNORE = no prediction)."""
     logits = head(hidden).float()  # float32 as HF's loss does
     if softcap is not None:

@@ -50,8 +50,18 @@ from gradmap.errors import ConfigError
 from gradmap.metric import Calibration, Cost, progress
 from gradmap.models import model_device
 from gradmap.module_paths import OUTPUT_PROJECTIONS, POST_MLP_NORMS, first_path
-from gradmap.post_norm import (POST_NORM_MODES, error_split, fit_direction_from, fit_scale_from, gain_offset,
-                               modules_of, norm_gain, post_mlp_norm, post_norm_sums, scale_gain)
+from gradmap.post_norm import (
+    POST_NORM_MODES,
+    error_split,
+    fit_direction_from,
+    fit_scale_from,
+    gain_offset,
+    modules_of,
+    norm_gain,
+    post_mlp_norm,
+    post_norm_sums,
+    scale_gain,
+)
 
 SITE_RULES = ("largest", "largest_gap", "topk", "before_gap")
 SHIFT_MEASURES = ("mean", "rms")

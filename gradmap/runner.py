@@ -23,8 +23,15 @@ from tqdm.auto import tqdm
 
 from gradmap import surgery
 from gradmap.assets import use_cache_root
-from gradmap.cache import (CacheEntryError, SelectionCache, check_dense_entry, dense_cache_key, interleaved_key,
-                           read_json_entry, selection_key)
+from gradmap.cache import (
+    CacheEntryError,
+    SelectionCache,
+    check_dense_entry,
+    dense_cache_key,
+    interleaved_key,
+    read_json_entry,
+    selection_key,
+)
 from gradmap.checkpoint import save_checkpoint
 from gradmap.data import load_heldout
 from gradmap.errors import ConfigError, brief
@@ -305,7 +312,7 @@ class Run:
         self._record_selection(metric, got.selection, got.source, key)
         return got.selection, report
 
-    # ---------------------------------------------------------------- out of memory: halve the micro-batch (gradmap.oom)
+    # ------------------------------------------------------- out of memory: halve the micro-batch (gradmap.oom)
 
     def _with_calibration_retry(self, stage: str, calib, cost: Cost, attempt, allowed: bool,
                                 can_retry=None):

@@ -146,7 +146,8 @@ def check_node(prefix: str, node: Any, schema: type, extra_keys: bool = False) -
     with `_`, such as `_target_`, are Hydra's), missing keys (unless the field's metadata says `absent_ok`), and
     every value's type and range. Returns the node's fields (without Hydra's keys)."""
     if not isinstance(node, Mapping):
-        raise ConfigError(prefix, node, f"a mapping with the keys {', '.join(f.name for f in dataclasses.fields(schema))}")
+        keys = ", ".join(f.name for f in dataclasses.fields(schema))
+        raise ConfigError(prefix, node, f"a mapping with the keys {keys}")
     hints = typing.get_type_hints(schema)
     fields = {f.name: f for f in dataclasses.fields(schema)}
     if not extra_keys:

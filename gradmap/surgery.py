@@ -122,7 +122,8 @@ def _check_indices(indices: Sequence[int], n: int) -> list[int]:
     if len(set(indices)) != len(indices):
         raise ValueError(f"layer indices {list(indices)} contain duplicates; allowed: distinct indices in 0..{n - 1}")
     if len(indices) >= n:
-        raise ValueError(f"cannot remove {len(indices)} of {n} layers: at least one must remain; allowed: 1..{n - 1} indices in 0..{n - 1}")
+        raise ValueError(f"cannot remove {len(indices)} of {n} layers: at least one must remain; "
+                         f"allowed: 1..{n - 1} indices in 0..{n - 1}")
     return sorted(indices)
 
 

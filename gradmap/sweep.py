@@ -19,11 +19,11 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from gradmap.errors import ConfigError
 from gradmap.files import read_json
 from gradmap.jobs import RECORD, SWEEP_ENV, UNRECORDED, attempt_alive
-from gradmap.errors import ConfigError
-from gradmap.runfolder import FolderTaken, lock_folder
 from gradmap.record import RecordVersionError, RunRecord
+from gradmap.runfolder import FolderTaken, lock_folder
 
 LAST_SUMMARY: Summary | None = None  # the summary of the sweep that ended last in this process (read by run.py)
 

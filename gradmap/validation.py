@@ -33,17 +33,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from gradmap.assets import check_asset
 from gradmap.data import CALIBRATION_CLASSES, TEST_SPLIT, WikiCalibration, check_heldout_spec
 from gradmap.errors import ConfigError, brief, one_line
 from gradmap.evaluation import Evaluation
 from gradmap.lm_tasks import lm_eval_task_known, shipped_templates, task_name, template_path
 from gradmap.loggers import NullLogger, WandbLogger
-from gradmap.assets import check_asset
 from gradmap.models import MODEL_CLASSES, ModelInfo, TinyRandomModel
 from gradmap.path_checks import check_cache_dir, check_cache_writable, check_file, check_save_dir
+from gradmap.schema import (
+    DEVICE_PATTERN,
+    DEVICES_ALLOWED,
+    DTYPE_ALIASES,
+    OFFLINE_CORPORA,
+    TASKS_DIR,
+    check_node,
+    check_value,
+    is_optional,
+    option,
+)
 from gradmap.targets import ALLOW_ENV, ENTRY_POINT_GROUP, allowed_targets, is_allowed
-from gradmap.schema import (DEVICE_PATTERN, DEVICES_ALLOWED, DTYPE_ALIASES, OFFLINE_CORPORA, TASKS_DIR, check_node,
-                            check_value, is_optional, option)
 
 __all__ = ["GROUPS", "Checked", "ConfigError", "ModelInfo", "brief", "check_asset", "check_component",
            "check_node", "check_save_dir", "check_value", "lm_eval_task_known", "num_to_prune", "one_line",

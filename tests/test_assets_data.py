@@ -17,9 +17,14 @@ from omegaconf import OmegaConf
 
 from gradmap import assets
 from gradmap.assets import AssetError
-import gradmap.data
-from gradmap.data import (HubCalibration, WikiCalibration, check_heldout_spec, load_calibration, load_heldout,
-                          load_heldout_tokens)
+from gradmap.data import (
+    HubCalibration,
+    WikiCalibration,
+    check_heldout_spec,
+    load_calibration,
+    load_heldout,
+    load_heldout_tokens,
+)
 from gradmap.models import ByteTokenizer
 
 # ------------------------------------------------------------------------------------------- wiki cleaning

@@ -249,7 +249,8 @@ CASES = [
 CASES += [
     ("target_builtin_open", "target", ["metric._target_=builtins.open", "+metric.file={tmp}/out/victim.txt",
                                        "+metric.mode=w"], "metric._target_", victim_file),
-    ("target_os_system", "target", ["compensation._target_=os.system", "+compensation.command='rm {tmp}/out/victim.txt'"],
+    ("target_os_system", "target",
+     ["compensation._target_=os.system", "+compensation.command='rm {tmp}/out/victim.txt'"],
      "compensation._target_", victim_file),
     ("target_rmtree_logger", "target", ["logger._target_=shutil.rmtree", "+logger.path={tmp}/out"], "logger._target_",
      victim_file),

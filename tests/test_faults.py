@@ -487,7 +487,7 @@ def test_triple_ctrl_c_leaves_an_interrupted_attempt_and_no_traceback(tmp_path):
 
 
 def test_repeated_signals_raise_once():
-    from gradmap.jobs import Interrupted, _STOPPING, install_signal_handlers
+    from gradmap.jobs import _STOPPING, Interrupted, install_signal_handlers
 
     old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
@@ -526,7 +526,8 @@ from gradmap.models import ByteTokenizer
 before = rss_bytes()
 with PeakRSS() as rss:
     calib = WikiCalibration(path={str(path)!r}, num_samples=4, seq_len=16, batch_size=2, seed=0).load(ByteTokenizer())
-print(json.dumps({{"grew": rss.peak - before, "shape": list(calib.input_ids.shape), "distinct": calib.distinct_tokens}}))
+print(json.dumps({{"grew": rss.peak - before, "shape": list(calib.input_ids.shape),
+                  "distinct": calib.distinct_tokens}}))
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -612,8 +613,8 @@ def test_report_out_an_existing_file_is_one_line(tmp_path, module):
 
 def test_nan_results_are_never_averaged_and_the_failed_seed_is_named(tmp_path):
     from experiments.frontier import build_frontier, write_frontier
-    from experiments.report import build_table
     from experiments.records import load_records
+    from experiments.report import build_table
     from tests.test_report import row, write_record
 
     root = tmp_path / "sweep"
@@ -723,7 +724,8 @@ def test_assets_cache_dir_flag_and_verify_hint_name_the_cache(tmp_path, monkeypa
     assert assets.main(["--cache-dir", str(tmp_path / "lab"), "--verify", "smollm2_135m"]) == 1
     out = capsys.readouterr().out
     assert f"python -m gradmap.assets --cache-dir {tmp_path / 'lab'} --rebuild smollm2_135m" in out
-    assert assets.main(["--verify", "smollm2_135m"]) == 1  # $GRADMAP_CACHE: nothing built there, and the hint says where
+    # $GRADMAP_CACHE: nothing built there, and the hint says where
+    assert assets.main(["--verify", "smollm2_135m"]) == 1
     assert f"--cache-dir {tmp_path / 'elsewhere'} smollm2_135m" in capsys.readouterr().out
 
 
@@ -772,4 +774,5 @@ def test_an_unwritable_cache_is_refused_before_work_when_the_run_writes_there(tm
         run(make_cfg(tmp_path, "num_prune=1"), tmp_path / "job", CHOICES)
     rec = _record(tmp_path / "job")
     assert rec["status"] == "failed" and rec["error"]["key"] == "cache_dir" and rec["timings"] is None
-    assert run(make_cfg(tmp_path, "num_prune=1", "cache_selection=false"), tmp_path / "job2", CHOICES)["status"] == "done"
+    again = run(make_cfg(tmp_path, "num_prune=1", "cache_selection=false"), tmp_path / "job2", CHOICES)
+    assert again["status"] == "done"

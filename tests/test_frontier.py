@@ -64,7 +64,8 @@ def write_record(root: Path, folder: str, metric: str, compensation: str, sample
                    "compensation": {"_target_": f"y.{compensation}"},
                    "calibration": {"source": "offline_wiki", "num_samples": samples, "seq_len": 128,
                                    "batch_size": 8, "seed": seed}},
-        "num_layers": 30, "num_prune": 8, "prune_ratio": 0.25, "removed_layers": list(range(8)) if removed is None else removed,
+        "num_layers": 30, "num_prune": 8, "prune_ratio": 0.25,
+        "removed_layers": list(range(8)) if removed is None else removed,
         "original_scoring": {"seconds": seconds - 1, "forward_tokens": scoring_tokens[0],
                              "backward_tokens": scoring_tokens[1]},
         "pruning_seconds_original": seconds,
@@ -213,7 +214,8 @@ def test_compensation_filter(sweep, tmp_path, capsys):
     assert main([str(sweep), "--out", str(out), "--compensation", "none"]) == 0
     table = pd.read_csv(out / "results.csv")
     assert set(table.compensation) == {"none"} and len(table) == 6  # the projection row is left out
-    assert "3 finished run(s) with another compensation left out (--compensation none)" in (out / "results.md").read_text()
+    text = (out / "results.md").read_text()
+    assert "3 finished run(s) with another compensation left out (--compensation none)" in text
     assert main([str(sweep), "--out", str(tmp_path / "r2"), "--compensation", "replaceme"]) == 2
     assert "--compensation replaceme not in the records; available: none, projection" in capsys.readouterr().err
 

@@ -211,7 +211,8 @@ def test_iterative_selection_removes_argmin_and_rescores_the_smaller_model(targe
         keep = [i for i in range(6) if i not in removed_so_far]
         expected = reference(kept_copy(model, keep), calib, target, reduction)
         got = [decision.scores[i] for i in keep]
-        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
+                                   rtol=1e-6, atol=0)
         argmin = keep[min(range(len(keep)), key=lambda j: expected[j])]
         assert decision.removed == [argmin]
         removed_so_far.append(argmin)
@@ -227,7 +228,8 @@ def test_one_shot_removes_the_n_lowest_of_one_scoring_pass():
     assert len(sel.decisions) == 1
     scores = sel.decisions[0].scores
     expected = reference(model, calib, "weights", "l2")
-    torch.testing.assert_close(torch.tensor(scores, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.tensor(scores, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-6, atol=0)
     lowest3 = sorted(range(6), key=lambda i: expected[i])[:3]
     assert sel.removed == lowest3 == sel.decisions[0].removed
     assert max(expected[i] for i in lowest3) < min(expected[i] for i in range(6) if i not in lowest3)

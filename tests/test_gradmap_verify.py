@@ -228,8 +228,8 @@ def test_prefix_reuse_resumes_and_truncates(tmp_path):
 
 
 def test_runner_records_the_cost_split(tmp_path):
-    from tests.test_runner import CHOICES, make_cfg
     from gradmap.jobs import run
+    from tests.test_runner import CHOICES, make_cfg
 
     out = tmp_path / "job"
     rec = run(make_cfg(tmp_path, "metric=gradmap_verify", "metric.candidates=2", "compensation=none"), out,

@@ -13,8 +13,7 @@ from gradmap.capture import layer_outputs
 from gradmap.compensation import IncompatibleCompensationError
 from gradmap.metric import Calibration, Cost
 from gradmap.models import tiny_random_llama
-from gradmap.post_norm import (direction_error, fit_channel_scale, fit_direction, gain_offset, post_mlp_norm,
-                               scale_error)
+from gradmap.post_norm import direction_error, fit_channel_scale, fit_direction, gain_offset, post_mlp_norm, scale_error
 from gradmap.projection import ProjectionCompensation
 from tests.tiny_models import tiny_gemma3
 

@@ -15,8 +15,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from baselines.angular import AngularSpan
 from baselines.bi import BlockInfluence
-from baselines.prune_and_comp import (RESIDUAL_WRITERS, PruneAndComp, channel_magnitude_ratio, magnitude_ratio,
-                                      scale_prefix)
+from baselines.prune_and_comp import (
+    RESIDUAL_WRITERS,
+    PruneAndComp,
+    channel_magnitude_ratio,
+    magnitude_ratio,
+    scale_prefix,
+)
 from gradmap import surgery
 from gradmap.capture import collect_layer_io
 from gradmap.metric import Calibration, Cost, LayerMetric, Selection

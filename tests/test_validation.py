@@ -11,8 +11,18 @@ from omegaconf import OmegaConf
 
 from gradmap.cache import CacheEntryError, check_selection_entry
 from gradmap.evaluation import Evaluation
-from gradmap.validation import (GROUP_CLASSES, ConfigError, brief, build_group, check_component, check_save_dir,
-                                check_value, lm_eval_task_known, num_to_prune, validate)
+from gradmap.validation import (
+    GROUP_CLASSES,
+    ConfigError,
+    brief,
+    build_group,
+    check_component,
+    check_save_dir,
+    check_value,
+    lm_eval_task_known,
+    num_to_prune,
+    validate,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -148,7 +158,8 @@ def test_selection_entry_shape():
     assert check_selection_entry(good, 3)[1].removed == [0]
     for bad in ({"selections": []}, {"selections": {"x": good["selections"]["1"]}},
                 {"selections": {"2": good["selections"]["1"]}},
-                {"selections": {"1": {**good["selections"]["1"], "decisions": [{**decision, "scores": [0.1, True, 0]}]}}},
+                {"selections": {"1": {**good["selections"]["1"],
+                                      "decisions": [{**decision, "scores": [0.1, True, 0]}]}}},
                 {"selections": {"1": {**good["selections"]["1"], "decisions": [{**decision, "step": "0"}]}}}):
         with pytest.raises(CacheEntryError):
             check_selection_entry(bad, 3)

@@ -16,14 +16,34 @@ their recipes), `store` (the cache folder: markers, manifests, `ensure`), `cli` 
 library only at import time: torch and transformers are imported by the GGUF conversion when it runs.
 """
 
+from gradmap.assets.cli import main  # noqa: E402  (last: the command uses the modules above)
 from gradmap.assets.fetch import PACKAGES, AssetError, Package, fetch, file_sha256
 from gradmap.assets.registry import ASSETS, DEFAULT_ASSETS, MODEL_FILES, Asset, marker_text
 from gradmap.assets.social_iqa import SOCIAL_IQA_JSON, SOCIAL_IQA_SEED, build_social_iqa, convert_social_iqa
-from gradmap.assets.store import (MANIFEST, asset_command, asset_dir, cache_root, check_asset, ensure, is_complete,
-                                  quick_verify, safetensors_problem, status, use_cache_root, verify, write_manifest)
-from gradmap.assets.wiki import (WIKI_SPLITS, build_news, build_wiki, clean_wiki_markup, is_heldout, titles_digest,
-                                 wiki_split)
-from gradmap.assets.cli import main  # noqa: E402  (last: the command uses the modules above)
+from gradmap.assets.store import (
+                                  MANIFEST,
+                                  asset_command,
+                                  asset_dir,
+                                  cache_root,
+                                  check_asset,
+                                  ensure,
+                                  is_complete,
+                                  quick_verify,
+                                  safetensors_problem,
+                                  status,
+                                  use_cache_root,
+                                  verify,
+                                  write_manifest,
+)
+from gradmap.assets.wiki import (
+                                  WIKI_SPLITS,
+                                  build_news,
+                                  build_wiki,
+                                  clean_wiki_markup,
+                                  is_heldout,
+                                  titles_digest,
+                                  wiki_split,
+)
 
 __all__ = ["ASSETS", "Asset", "AssetError", "DEFAULT_ASSETS", "MANIFEST", "MODEL_FILES", "PACKAGES", "Package",
            "SOCIAL_IQA_JSON", "SOCIAL_IQA_SEED", "WIKI_SPLITS", "asset_command", "asset_dir", "build_news",

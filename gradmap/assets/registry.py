@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gradmap.assets.fetch import PACKAGES
 from gradmap.assets.cloze import build_cloze_from_wheel
+from gradmap.assets.fetch import PACKAGES
 from gradmap.assets.gguf import GEMMA3_PARTS, build_gemma3, build_smollm2
 from gradmap.assets.social_iqa import build_social_iqa
 from gradmap.assets.wiki import WIKI_SPLITS, build_news_from_wheel, build_wiki_from_wheel
