@@ -147,3 +147,21 @@ def layer_calls(model: nn.Module, calib: Calibration, position: int) -> list[tup
     finally:
         handle.remove()
     return calls
+
+
+class FinalErrorSums:
+    """The last kept layer's squared error against the dense final states, summed over calibration batches on a
+    pass that fits a site (the projection guard's free check; shared by the projection's and post_norm's sums)."""
+
+    def __init__(self, last: int, final_targets: list[torch.Tensor]):
+        self.last, self.final_targets = last, final_targets
+        self.num = self.den = 0.0
+
+    def add_final(self, batch: int, out: torch.Tensor) -> None:
+        hd = self.final_targets[batch].double().to(out.device)
+        self.num += float((out.detach().double() - hd).pow(2).sum())
+        self.den += float(hd.pow(2).sum())
+
+    @property
+    def final_error(self) -> float:
+        return self.num / max(self.den, 1e-30)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradmap.capture import layer_io
+from gradmap.capture import FinalErrorSums, layer_io
 from gradmap.compensation import IncompatibleCompensationError
 from gradmap.models import model_device
 from gradmap.module_paths import POST_MLP_NORMS, first_path
@@ -141,19 +141,19 @@ def direction_error(zz: torch.Tensor, zt: torch.Tensor, tt: float, g: torch.Tens
 # ---------------------------------------------------------------- one pass over the calibration data
 
 
-class PostNormSums:
+class PostNormSums(FinalErrorSums):
     """At kept layer `site`: the sums the post-norm fits need (hooks on the output projection, the norm and the
     layer), the magnitude/direction split of the site's error, and the relative squared error at the last kept
     layer on the same pass (the projection guard's free check)."""
 
     def __init__(self, site: int, last: int, targets: list[torch.Tensor], final_targets: list[torch.Tensor],
                  direction: bool, eps: float):
-        self.site, self.last, self.targets, self.final_targets = site, last, targets, final_targets
+        super().__init__(last, final_targets)
+        self.site, self.targets = site, targets
         self.direction, self.eps = direction, eps
         self.sums: dict[str, Any] = {"yy": 0.0, "yt": 0.0, "tt": 0.0, "zz": 0.0, "zt": 0.0, "err": 0.0,
                                      "magnitude": 0.0, "floor": 0.0, "dense": 0.0}
         self.gain: torch.Tensor | None = None  # the norm's gain, for the floor (set by post_norm_sums)
-        self.num = self.den = 0.0
         self.batch = 0
         self.z: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
@@ -184,13 +184,7 @@ class PostNormSums:
                 s["zz"] = s["zz"] + zn.T @ zn
                 s["zt"] = s["zt"] + zn.T @ t
         if pos == self.last:
-            hd = self.final_targets[b].double().to(out.device)
-            self.num += float((out.detach().double() - hd).pow(2).sum())
-            self.den += float(hd.pow(2).sum())
-
-    @property
-    def final_error(self) -> float:
-        return self.num / max(self.den, 1e-30)
+            self.add_final(b, out)
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from gradmap import surgery
-from gradmap.capture import dense_states, layer_io, layer_outputs
+from gradmap.capture import FinalErrorSums, dense_states, layer_io, layer_outputs
 from gradmap.compensation import Compensation, IncompatibleCompensationError
 from gradmap.errors import ConfigError
 from gradmap.metric import Calibration, Cost, progress
@@ -167,15 +167,15 @@ class _Guard:
         return False
 
 
-class _NormalEquations:
+class _NormalEquations(FinalErrorSums):
     """Y^T Y and Y^T T at kept layer `site`, summed in float64 over calibration batches, and the relative squared
     error at the last kept layer on the same pass (hooks on the output projection and the layers)."""
 
     def __init__(self, site: int, last: int, targets: list[torch.Tensor], final_targets: list[torch.Tensor]):
-        self.site, self.last, self.targets, self.final_targets = site, last, targets, final_targets
+        super().__init__(last, final_targets)
+        self.site, self.targets = site, targets
         self.yty: torch.Tensor | None = None
         self.ytt: torch.Tensor | None = None
-        self.num = self.den = 0.0
         self.batch = 0  # index of the calibration batch being run
         self.y: torch.Tensor | None = None  # the output projection's output in this batch
 
@@ -191,13 +191,7 @@ class _NormalEquations:
             self.yty = y.T @ y if self.yty is None else self.yty + y.T @ y
             self.ytt = y.T @ t if self.ytt is None else self.ytt + y.T @ t
         if pos == self.last:
-            hd = self.final_targets[b].double().to(out.device)
-            self.num += float((out.detach().double() - hd).pow(2).sum())
-            self.den += float(hd.pow(2).sum())
-
-    @property
-    def final_error(self) -> float:
-        return self.num / max(self.den, 1e-30)
+            self.add_final(b, out)
 
 
 class ProjectionCompensation(Compensation):
