@@ -156,6 +156,23 @@ class FinalErrorSums:
     def __init__(self, last: int, final_targets: list[torch.Tensor]):
         self.last, self.final_targets = last, final_targets
         self.num = self.den = 0.0
+        self.batch = 0  # index of the calibration batch being run
+
+    def on_layer(self, pos: int, inp: torch.Tensor, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def stream(self, model: nn.Module, calib: Calibration, positions: Sequence[int], handles: Sequence) -> None:
+        """One pass over the calibration batches with `on_layer` on the layers at `positions`; the other hooks
+        (`handles`, already registered) are removed afterwards."""
+        try:
+            with layer_io(model, self.on_layer, sorted(set(positions))):
+                for batch in calib.batches(model_device(model)):
+                    model(input_ids=batch, use_cache=False)
+                    self.batch += 1
+        finally:
+            for h in handles:
+                h.remove()
 
     def add_final(self, batch: int, out: torch.Tensor) -> None:
         hd = self.final_targets[batch].double().to(out.device)

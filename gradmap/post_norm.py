@@ -35,9 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradmap.capture import FinalErrorSums, layer_io
+from gradmap.capture import FinalErrorSums
 from gradmap.compensation import IncompatibleCompensationError
-from gradmap.models import model_device
 from gradmap.module_paths import POST_MLP_NORMS, first_path
 
 POST_NORM_MODES = ("refuse", "norm_scale", "direction_approx", "direction_approx_norm_scale")
@@ -154,7 +153,6 @@ class PostNormSums(FinalErrorSums):
         self.sums: dict[str, Any] = {"yy": 0.0, "yt": 0.0, "tt": 0.0, "zz": 0.0, "zt": 0.0, "err": 0.0,
                                      "magnitude": 0.0, "floor": 0.0, "dense": 0.0}
         self.gain: torch.Tensor | None = None  # the norm's gain, for the floor (set by post_norm_sums)
-        self.batch = 0
         self.z: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
 
@@ -192,15 +190,8 @@ def post_norm_sums(model: nn.Module, calib, site: int, proj: nn.Module, norm: nn
                    last: int, final_targets: list[torch.Tensor], direction: bool) -> PostNormSums:
     sums = PostNormSums(site, last, targets, final_targets, direction, norm_eps(norm))
     sums.gain = norm_gain(norm, gain_offset(norm))
-    handles = [proj.register_forward_hook(sums.on_projection), norm.register_forward_hook(sums.on_norm)]
-    try:
-        with layer_io(model, sums.on_layer, sorted({site, last})):
-            for batch in calib.batches(model_device(model)):
-                model(input_ids=batch, use_cache=False)
-                sums.batch += 1
-    finally:
-        for h in handles:
-            h.remove()
+    sums.stream(model, calib, {site, last},
+                [proj.register_forward_hook(sums.on_projection), norm.register_forward_hook(sums.on_norm)])
     return sums
 
 

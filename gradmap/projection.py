@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from gradmap import surgery
-from gradmap.capture import FinalErrorSums, dense_states, layer_io, layer_outputs
+from gradmap.capture import FinalErrorSums, dense_states, layer_outputs
 from gradmap.compensation import Compensation, IncompatibleCompensationError
 from gradmap.errors import ConfigError
 from gradmap.metric import Calibration, Cost, progress
@@ -176,7 +176,6 @@ class _NormalEquations(FinalErrorSums):
         self.site, self.targets = site, targets
         self.yty: torch.Tensor | None = None
         self.ytt: torch.Tensor | None = None
-        self.batch = 0  # index of the calibration batch being run
         self.y: torch.Tensor | None = None  # the output projection's output in this batch
 
     def on_projection(self, _module, _args, out: torch.Tensor) -> None:
@@ -366,12 +365,5 @@ class ProjectionCompensation(Compensation):
         """Accumulate Y^T Y and Y^T T at kept layer j in float64, streaming over calibration batches; the same pass
         returns the relative squared error at the last kept layer of the model as it stands."""
         sums = _NormalEquations(j, last, targets, final_targets)
-        handle = proj.register_forward_hook(sums.on_projection)
-        try:
-            with layer_io(model, sums.on_layer, sorted({j, last})):
-                for batch in calib.batches(model_device(model)):
-                    model(input_ids=batch, use_cache=False)
-                    sums.batch += 1
-        finally:
-            handle.remove()
+        sums.stream(model, calib, {j, last}, [proj.register_forward_hook(sums.on_projection)])
         return sums.yty, sums.ytt, sums.final_error
