@@ -60,7 +60,10 @@ class ParamFingerprint:
 
     def unchanged(self, model: nn.Module) -> bool:
         now = self._take(model)
-        return len(now) == len(self.values) and all(a[0] == b[0] and (a[1] == b[1] or a[1] != a[1])
+        def same(a: float, b: float) -> bool:  # a NaN sum is unchanged only if it was NaN before
+            return a == b or (a != a and b != b)
+
+        return len(now) == len(self.values) and all(a[0] == b[0] and same(a[1], b[1])
                                                     for a, b in zip(now, self.values))
 
 

@@ -63,6 +63,19 @@ def test_other_errors_are_not_retried():
     assert calls == [8] and not is_oom(ValueError("x")) and is_oom(RuntimeError("CUDA error: out of memory"))
 
 
+def test_fingerprint_sees_a_weight_turned_nan():
+    from gradmap.models import tiny_random_llama
+    from gradmap.oom import ParamFingerprint
+
+    model = tiny_random_llama(num_layers=2)
+    before = ParamFingerprint(model)
+    assert before.unchanged(model)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    assert not before.unchanged(model)
+    assert ParamFingerprint(model).unchanged(model)  # NaN before and after: the same
+
+
 def fails_above(monkeypatch, cls, method, limit, read_bs):
     """Patch cls.method to raise an out-of-memory error while the micro-batch read by `read_bs` is above `limit`."""
     real = getattr(cls, method)
