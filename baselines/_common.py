@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Callable
 
 import torch
@@ -13,11 +12,14 @@ from torch import nn
 
 from gradmap import surgery
 from gradmap.capture import layer_io
+from gradmap.data import Calibration
 from gradmap.errors import ConfigError
 from gradmap.grad_state import eval_mode
-from gradmap.metric import Calibration, Cost, Decision, DecisionCallback, LayerMetric, Reuse, Selection
+from gradmap.metric import LayerMetric
 from gradmap.models import model_device
 from gradmap.module_paths import FINAL_NORMS, first_path
+from gradmap.selection import DecisionCallback, DecisionTimer, Selection, SelectionKind
+from gradmap.stages import Cost
 
 ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TOKENS = ("all", "last")
@@ -131,7 +133,7 @@ class SpanMetric(LayerMetric):
     (each layer's own input vs output); the runner uses `select`.
     """
 
-    reuse = Reuse.SPAN  # one span for exactly n layers: only a cached selection for the same n serves
+    selection_kind = SelectionKind.SPAN  # one span for exactly n layers: only a cached selection for the same n serves
     lead = 0
     last_state = "raw"
 
@@ -170,12 +172,11 @@ class SpanMetric(LayerMetric):
         self.check_budget(original_count, num_prune)
         if resume is not None and len(resume.removed) == num_prune:
             return resume
-        t0 = time.perf_counter()
-        before = Cost(**cost.as_dict())
+        timer = DecisionTimer(cost)
         starts = self.span_starts(original_count, num_prune)
         pairs = [(s - self.lead, s + num_prune) for s in starts]
         dist = state_distances(model, calib, pairs, self.tokens, self.dtype, self.per_token, self.last_state)
-        score_seconds = time.perf_counter() - t0
+        timer.scored()
         if not torch.isfinite(dist).all():
             raise RuntimeError(f"{type(self).__name__}: non-finite span distances {dist.tolist()}")
         best = starts[int(torch.argmin(dist))]  # argmin returns the first minimum: ties go to the earliest span
@@ -183,10 +184,7 @@ class SpanMetric(LayerMetric):
         for s, d in zip(starts, dist.tolist()):
             scores[s] = d
         removed = list(range(best, best + num_prune))
-        decision = Decision(step=0, scores=scores, removed=removed, seconds=time.perf_counter() - t0,
-                            score_seconds=score_seconds,
-                            forward_tokens=cost.forward_tokens - before.forward_tokens,
-                            backward_tokens=cost.backward_tokens - before.backward_tokens)
+        decision = timer.decision(0, scores, removed)
         if on_decision is not None:
             on_decision(decision)
         return Selection(removed=removed, decisions=[decision])

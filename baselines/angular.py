@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from baselines._common import SpanMetric, angular
-from gradmap.metric import Reuse
+from gradmap.selection import SelectionKind
 
 
 class AngularSpan(SpanMetric):
@@ -30,7 +30,7 @@ class AngularSpan(SpanMetric):
     """
 
     name = "angular"
-    reuse = Reuse.SPAN  # one span of exactly n layers
+    selection_kind = SelectionKind.SPAN  # one span of exactly n layers
 
     def __init__(self, tokens: str = "last", accum_dtype: str = "float64", protect_first: int = 0,
                  protect_last: int = 0):

@@ -7,7 +7,9 @@ from torch import nn
 
 from baselines._common import LAST_STATES, TOKENS, angular, check_choice, resolve_accum_dtype, state_distances
 from gradmap import surgery
-from gradmap.metric import Calibration, Cost, LayerMetric, Reuse
+from gradmap.data import Calibration
+from gradmap.metric import LayerMetric
+from gradmap.stages import Cost
 
 DISTANCES = ("cosine", "angular")
 
@@ -40,7 +42,6 @@ class BlockInfluence(LayerMetric):
     """
 
     name = "bi"
-    reuse = Reuse.RANKED  # one-shot (the paper): one scoring pass serves every n
 
     def __init__(self, distance: str = "cosine", tokens: str = "all", iterative: bool = False,
                  accum_dtype: str = "float64", last_state: str = "final_norm", protect_first: int = 0,

@@ -8,9 +8,12 @@ import torch
 from torch import nn
 
 from gradmap import surgery
+from gradmap.data import Calibration
 from gradmap.grad_state import eval_mode
-from gradmap.metric import Calibration, Cost, LayerMetric, Reuse, progress
+from gradmap.metric import LayerMetric
 from gradmap.models import model_device
+from gradmap.progress import progress
+from gradmap.stages import Cost
 
 
 @torch.no_grad()
@@ -51,7 +54,6 @@ class PerplexityDrop(LayerMetric):
     """
 
     name = "ppl"
-    reuse = Reuse.RANKED  # one-shot (the paper): one scoring pass serves every n
 
     def __init__(self, protect_first: int, protect_last: int, iterative: bool = False):
         super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)

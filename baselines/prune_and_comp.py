@@ -12,9 +12,10 @@ from torch import nn
 
 from gradmap import surgery
 from gradmap.capture import dense_final_states, final_rel_error, layer_io_stats, layer_states
-from gradmap.compensation import Compensation, IncompatibleCompensationError
+from gradmap.compensation import IncompatibleCompensationError, InterleavedCompensation
+from gradmap.data import Calibration
 from gradmap.errors import ConfigError
-from gradmap.metric import Calibration, Cost, Decision, DecisionCallback, LayerMetric, Reuse, Selection, progress
+from gradmap.metric import LayerMetric
 from gradmap.module_paths import (
     POST_SUBLAYER_NORMS,
     RESIDUAL_WRITERS,
@@ -23,6 +24,9 @@ from gradmap.module_paths import (
     get_path,
 )
 from gradmap.post_norm import gain_offset, scale_gain
+from gradmap.progress import progress
+from gradmap.selection import Decision, DecisionCallback, Selection, SelectionKind
+from gradmap.stages import Cost
 
 
 def embeddings_tied(model: nn.Module) -> bool:
@@ -118,13 +122,13 @@ def magnitude_ratio(dense: list[torch.Tensor], pruned: list[torch.Tensor]) -> tu
 
 
 def selects_itself(metric: LayerMetric) -> bool:
-    """Metrics whose selection is not a ranking of per-layer scores (`Reuse.SPAN`: one contiguous block in one
-    decision; `Reuse.GREEDY`: their own decision procedure): Prune&Comp selects with them once, on the dense model,
-    and compensates once per gap (`procedure: span`), since its loop can only take a ranking's lowest layer."""
-    return metric.reuse is not Reuse.RANKED
+    """Metrics whose selection is not a ranking of per-layer scores (they override `select`: a contiguous span in
+    one decision, or their own screen-then-verify loop): Prune&Comp selects with them once, on the dense model, and
+    compensates once per gap (`procedure: span`), since its loop can only take a ranking's lowest layer."""
+    return type(metric).select is not LayerMetric.select
 
 
-class PruneAndComp(Compensation):
+class PruneAndComp(InterleavedCompensation):
     """Prune&Comp: iterative layer pruning with magnitude compensation folded into the remaining weights.
 
     Paper: "Prune&Comp: Free Lunch for Layer-Pruned LLMs via Iterative Pruning with Magnitude Compensation",
@@ -183,9 +187,6 @@ class PruneAndComp(Compensation):
     """
 
     name = "prune_and_comp"
-    # True: selection and compensation interleave; the runner calls `prune_iteratively(model, metric, calib, n, cost)`
-    # instead of `metric.select` -> `surgery.remove_layers` -> `apply`. Set per instance from `iterative`.
-    interleaved = True
 
     def __init__(self, iterative: bool = True, ratio: str = "channel_mean_abs"):
         if ratio not in RATIOS:
@@ -210,11 +211,11 @@ class PruneAndComp(Compensation):
         if model.get_input_embeddings() is None:
             raise IncompatibleCompensationError(f"{type(model).__name__} exposes no input embedding to scale")
 
-    def selection_reuse(self, metric: LayerMetric) -> Reuse:
+    def selection_kind(self, metric: LayerMetric) -> SelectionKind:
         """What the interleaved selection is, for the selection cache: a greedy order for ranking metrics (the first
         k decisions of a longer run are the run for k, and `prune_iteratively(resume=...)` replays cached
-        decisions), else one selection for exactly n (`Reuse.SPAN`)."""
-        return Reuse.SPAN if selects_itself(metric) else Reuse.GREEDY
+        decisions), else one selection for exactly n (a span)."""
+        return SelectionKind.SPAN if selects_itself(metric) else SelectionKind.GREEDY
 
     # ------------------------------------------------------------------------------------------------- one-shot
 

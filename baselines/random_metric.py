@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from gradmap import surgery
-from gradmap.metric import Calibration, Cost, LayerMetric, Reuse
+from gradmap.data import Calibration
+from gradmap.metric import LayerMetric
+from gradmap.stages import Cost
 
 
 class RandomMetric(LayerMetric):
@@ -24,7 +26,6 @@ class RandomMetric(LayerMetric):
     """
 
     name = "random"
-    reuse = Reuse.RANKED  # one-shot: one draw serves every n
 
     def __init__(self, seed: int = 0, protect_first: int = 0, protect_last: int = 0):
         super().__init__(iterative=False, protect_first=protect_first, protect_last=protect_last)

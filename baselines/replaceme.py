@@ -8,9 +8,10 @@ from typing import Any
 from torch import nn
 
 from gradmap import surgery
+from gradmap.data import Calibration
 from gradmap.errors import ConfigError
-from gradmap.metric import Calibration, Cost
 from gradmap.projection import ProjectionCompensation
+from gradmap.stages import Cost
 
 
 class ReplaceMe(ProjectionCompensation):

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from baselines.ppl import PerplexityDrop, removal_perplexities
-from gradmap.metric import Calibration, Cost, Reuse
+from gradmap.data import Calibration
+from gradmap.stages import Cost
 
 
 class SLEB(PerplexityDrop):
@@ -33,7 +34,6 @@ class SLEB(PerplexityDrop):
     """
 
     name = "sleb"
-    reuse = Reuse.RANKED  # iterative (the paper): a greedy order, reused as a prefix
     # Selections cached before revision 1 scored the protected blocks too (same removals, ~7% more tokens): their
     # token counts would be stale, so the revision is part of the selection cache key (`gradmap.cache`).
     scoring_revision = 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from baselines._common import SpanMetric, check_choice
-from gradmap.metric import Reuse
+from gradmap.selection import SelectionKind
 
 # official: cos(h_b, h_{b+n+1}), the kept layer b before the span included (get_cosine.py in
 # RUCKBReasoning/LLM-Streamline); span_only: cos(input of the span, its output), this repo's earlier reading.
@@ -46,7 +46,7 @@ class StreamlineSpan(SpanMetric):
     """
 
     name = "streamline"
-    reuse = Reuse.SPAN  # one span of exactly n layers
+    selection_kind = SelectionKind.SPAN  # one span of exactly n layers
 
     def __init__(self, criterion: str = "official", tokens: str = "all", accum_dtype: str = "float64",
                  protect_first: int = 0, protect_last: int = 0):

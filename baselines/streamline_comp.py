@@ -13,9 +13,11 @@ from torch import nn
 from gradmap import surgery
 from gradmap.capture import dense_final_states, dense_states, final_rel_error, hidden_of, layer_calls
 from gradmap.compensation import Compensation, IncompatibleCompensationError
+from gradmap.data import Calibration
 from gradmap.errors import ConfigError
-from gradmap.metric import Calibration, Cost, progress
 from gradmap.models import model_device
+from gradmap.progress import progress
+from gradmap.stages import Cost
 
 PARTS = ("layer", "ffn")
 
@@ -87,7 +89,6 @@ class StreamlineTraining(Compensation):
     """
 
     name = "streamline"
-    trains = True
     micro_batch_is_memory_knob = False  # calibration micro-batches are its training batches (gradmap.oom)
 
     def __init__(self, part: str, epochs: int = 20, lr: float = 2e-4, min_lr: float = 5e-5,

@@ -7,10 +7,12 @@ from torch import nn
 
 from baselines._common import check_choice, resolve_accum_dtype
 from gradmap import surgery
+from gradmap.data import Calibration
 from gradmap.grad_state import eval_mode, grad_state_preserved, gradient_checkpointing, only_layer_weights_trainable
 from gradmap.lm_loss import backward_lm_loss
-from gradmap.metric import Calibration, Cost, LayerMetric, Reuse
+from gradmap.metric import LayerMetric
 from gradmap.models import model_device
+from gradmap.stages import Cost
 
 # weights: parameters whose name contains "weight" (official anal_block_sensitivity_taylor.py in
 # Nota-NetsPresso/shortened-llm; biases are left out); all: every float parameter of the block, biases included.
@@ -53,7 +55,6 @@ class BlockTaylor(LayerMetric):
     """
 
     name = "taylor"
-    reuse = Reuse.RANKED  # one-shot (the paper): one scoring pass serves every n
 
     def __init__(self, protect_first: int, protect_last: int, iterative: bool = False, accum_dtype: str = "float32",
                  gradient_checkpointing: bool = False, parameters: str = "weights", loss_chunk_tokens: int = 256):

@@ -45,9 +45,10 @@ def _measure(mode: str, model_name: str, device: str, tokens: tuple[int, int], e
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
+    from gradmap.data import Calibration
     from gradmap.memory import PeakRSS, rss_bytes
-    from gradmap.metric import Calibration, Cost
     from gradmap.models import load_model
+    from gradmap.stages import Cost
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):

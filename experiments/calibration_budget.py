@@ -20,21 +20,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
 from experiments.stability import stability
-from gradmap.cache import SelectionCache, cache_root_of, selection_key
-from gradmap.data import load_calibration
-from gradmap.metric import Cost, Selection, count_forward_tokens
 from gradmap.models import load_model
-from gradmap.runner import seed_everything
-from gradmap.validation import num_to_prune
-from gradmap.windows import decide_window_bos
+from gradmap.runner import select_layers
+from gradmap.validation import resolve, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_METRICS = ["bi", "taylor", "streamline", "angular", "gradmap",
@@ -50,32 +44,17 @@ def parse_metric(spec: str) -> tuple[str, list[str]]:
     return label, [f"metric={choice}", *overrides]
 
 
-def selection_for(overrides: list[str], model, tokenizer, cache: SelectionCache) -> tuple[list[int], float, bool]:
-    """(removed layers, scoring seconds when it was computed, from cache?) for one composed config, through the
-    selection cache that `run.py` uses (`SelectionCache.get_or_compute`)."""
+def selection_for(overrides: list[str], model, tokenizer) -> tuple[list[int], float, bool]:
+    """(removed layers, scoring seconds when it was computed, from cache?) for one composed config, validated and
+    selected through `gradmap.runner.select_layers` (the selection cache and stages that `run.py` uses)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    n = num_to_prune(len(model.model.layers), cfg.prune_ratio, cfg.get("num_prune"))
-    metric = instantiate(cfg.metric)
-    seconds = 0.0
-
-    def compute(resume: Selection | None) -> Selection:
-        nonlocal seconds
-        seed_everything(cfg.seed)
-        windows = decide_window_bos(cfg.model.get("window_bos"), model.config, tokenizer)  # as run.py does
-        calib = load_calibration(cfg.calibration, tokenizer, windows.token)
-        cost = Cost()
-        t0 = time.perf_counter()
-        with count_forward_tokens(model, cost):
-            selection = metric.select(model, calib, n, cost, resume=resume)
-        seconds = time.perf_counter() - t0
-        return selection
-
-    bos = decide_window_bos(cfg.model.get("window_bos"), model.config, tokenizer).bos
-    got = cache.get_or_compute(selection_key(cfg, bos), n, metric.reuse, metric.iterative, compute,
-                               {"model": cfg.model.get("asset"), "metric": overrides[0]})
+    checked = validate(resolve(cfg), evaluate=False)  # nothing is evaluated: no held-out text is read
+    got, recorder = select_layers(checked, model, tokenizer, {"model": cfg.model.get("asset"),
+                                                               "metric": overrides[0]})
     hit = got.source == "cache"
-    return sorted(got.selection.removed), got.selection.seconds if hit else seconds, hit
+    fresh = recorder.seconds.get("score", 0.0) + recorder.seconds.get("select", 0.0)
+    return sorted(got.selection.removed), got.selection.seconds if hit else fresh, hit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         base = compose("config", overrides=[f"model={args.model}", *args.override])
     model, tokenizer = load_model(base.model)
-    cache = SelectionCache(cache_root_of(base))
     rows = []
     for spec in args.metrics:
         label, metric_overrides = parse_metric(spec)
@@ -110,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 overrides = [*metric_overrides, f"model={args.model}", f"seed={seed}",
                              f"calibration.num_samples={samples}", f"calibration.seq_len={args.seq_len}",
                              f"prune_ratio={args.prune_ratio}", *args.override]
-                removed, secs, hit = selection_for(overrides, model, tokenizer, cache)
+                removed, secs, hit = selection_for(overrides, model, tokenizer)
                 sets.append(set(removed))
                 seconds.append(secs)
                 cached += hit

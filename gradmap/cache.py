@@ -3,8 +3,8 @@
 Selections are keyed by everything that determines them (model, metric config, calibration config, seed, dtype),
 not by the prune ratio, so a ratio sweep scores once: a one-shot metric's single scoring pass serves every n, an
 iterative metric's order for a larger n extends (or truncates) a cached shorter one, and span metrics reuse only
-the same n. `SelectionCache.get_or_compute` is the one place that decides this, from the metric's `reuse` class
-attribute (`gradmap.metric.Reuse`).
+the same n. `SelectionCache.reusable` is the one place that decides this, from the metric's `selection_kind`
+(`gradmap.selection.SelectionKind`).
 
 Entries are written atomically and checked on read: an entry that is not JSON, or is JSON of the wrong shape (a
 selection whose scores do not cover the model's layers, a removal order that is not the decisions' removals, a
@@ -14,20 +14,21 @@ dense result without the texts and window lengths asked for), is reported in one
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gradmap.errors import MEMORY_ONLY_METRIC_KEYS
 from gradmap.files import atomic_write_json, json_default, move_aside, read_json
-from gradmap.metric import OPTIONAL_DECISION_FIELDS, Decision, Reuse, Selection
+from gradmap.selection import OPTIONAL_DECISION_FIELDS, Decision, Selection, SelectionKind
 
 CACHE_VERSION = 1
 DECISION_FIELDS = {"step": int, "scores": list, "removed": list, "seconds": (int, float),
@@ -42,6 +43,14 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     """Content hash of a JSON-able object (key order independent)."""
     blob = json.dumps(obj, sort_keys=True, default=json_default)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain containers: a Hydra node with its interpolations resolved, a resolved one
+    (`gradmap.validation.Checked.config`) copied. Keys hash the same either way."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return copy.deepcopy(node)
 
 
 def scoring_revision(target: str | None) -> int:
@@ -67,11 +76,11 @@ def without_memory_knobs(metric: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def model_key(cfg: DictConfig, bos: bool) -> dict[str, Any]:
+def model_key(cfg: Mapping[str, Any], bos: bool) -> dict[str, Any]:
     """The model part of a cache key: the model config, with `window_bos` replaced by what it resolved to when it
     was left to the family (`bos`, gradmap.windows): a family without BOS windows keeps the key it had before the
     key existed (its computation did not change), and one with them gets a new key."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = plain(cfg["model"])
     if model.get("window_bos", "absent") is None:
         del model["window_bos"]
         if bos:
@@ -79,43 +88,43 @@ def model_key(cfg: DictConfig, bos: bool) -> dict[str, Any]:
     return model
 
 
-def selection_key(cfg: DictConfig, bos: bool) -> str:
+def selection_key(cfg: Mapping[str, Any], bos: bool) -> str:
     """Hash of what determines a metric's decisions; the prune ratio and the compensation are deliberately out.
     `bos`: whether the run's windows start with a BOS token (`gradmap.windows.decide_window_bos`). A metric whose
     scoring changed (`LayerMetric.scoring_revision` > 0) adds its revision, so older entries are not reused; memory-only
     metric keys hash as the code before them had them (`without_memory_knobs`)."""
     parts = {
         "model": model_key(cfg, bos),
-        "metric": without_memory_knobs(OmegaConf.to_container(cfg.metric, resolve=True)),
-        "calibration": OmegaConf.to_container(cfg.calibration, resolve=True),
-        "seed": cfg.seed, "dtype": cfg.get("dtype"), "v": CACHE_VERSION,
+        "metric": without_memory_knobs(plain(cfg["metric"])),
+        "calibration": plain(cfg["calibration"]),
+        "seed": cfg["seed"], "dtype": cfg.get("dtype"), "v": CACHE_VERSION,
     }
-    revision = scoring_revision(cfg.metric.get("_target_"))
+    revision = scoring_revision(cfg["metric"].get("_target_"))
     if revision:
         parts["scoring_revision"] = revision
     return stable_hash(parts)
 
 
-def interleaved_key(cfg: DictConfig, bos: bool) -> str:
+def interleaved_key(cfg: Mapping[str, Any], bos: bool) -> str:
     """Key of a selection made together with its compensation (Prune&Comp): the selection key and the compensation
     config, since the compensation changes the model the metric rescores."""
     return stable_hash({"selection": selection_key(cfg, bos), "v": 1,
-                        "compensation": OmegaConf.to_container(cfg.compensation, resolve=True)})
+                        "compensation": plain(cfg["compensation"])})
 
 
-def dense_cache_key(cfg: DictConfig, bos: bool) -> str:
+def dense_cache_key(cfg: Mapping[str, Any], bos: bool) -> str:
     """Dense results depend only on the model and the evaluation settings, and on the seed only through lm-eval:
     perplexity is deterministic, so a perplexity-only evaluation serves every calibration seed of a sweep."""
-    evaluation = OmegaConf.to_container(cfg.eval, resolve=True)
+    evaluation = plain(cfg["eval"])
     lm_eval = evaluation.get("lm_eval") or {}
     seeded = bool(lm_eval.get("tasks"))
     if not seeded:
         lm_eval.pop("seed", None)
     return stable_hash({"model": model_key(cfg, bos), "eval": evaluation,
-                        "dtype": cfg.get("dtype"), "seed": cfg.seed if seeded else None, "v": 2})
+                        "dtype": cfg.get("dtype"), "seed": cfg["seed"] if seeded else None, "v": 2})
 
 
-def cache_root_of(cfg: DictConfig) -> Path:
+def cache_root_of(cfg: Mapping[str, Any]) -> Path:
     """The cache folder of a run config: its `cache_dir`, else `$GRADMAP_CACHE` or `~/.cache/gradmap`."""
     from gradmap.assets import cache_root
 
@@ -237,19 +246,19 @@ class SelectionCache:
             move_aside(path, f"malformed selection entry: {err}")
             return {}
 
-    def reusable(self, key: str, n: int, reuse: Reuse, iterative: bool,
+    def reusable(self, key: str, n: int, kind: SelectionKind,
                  num_layers: int | None = None) -> Selection | None:
-        """A cached selection that serves `n` removals, or None: the one for n; for a one-shot ranking (`RANKED`,
-        not iterative) any one (its scores are re-picked); for a greedy order (`GREEDY`, or `RANKED` iterative) the
-        first n decisions of a longer one, else the longest shorter one (to be continued); for `SPAN` only n."""
+        """A cached selection that serves `n` removals, or None: the one for n; for a one-shot ranking any one (its
+        scores are re-picked); for a greedy order the first n decisions of a longer one, else the longest shorter
+        one (to be continued); for a span only n."""
         cached = self.entries(key, num_layers)
         if not cached:
             return None
         if n in cached:
             return cached[n]
-        if reuse is Reuse.RANKED and not iterative:
+        if kind is SelectionKind.ONE_SHOT:
             return next(iter(cached.values()))
-        if reuse is Reuse.GREEDY or (reuse is Reuse.RANKED and iterative):
+        if kind is SelectionKind.GREEDY:
             longer = [m for m in cached if m > n]
             if longer:
                 sel = cached[min(longer)]
@@ -257,7 +266,7 @@ class SelectionCache:
             return cached[max(cached)]
         return None
 
-    def get_or_compute(self, key: str, n: int, reuse: Reuse, iterative: bool,
+    def get_or_compute(self, key: str, n: int, kind: SelectionKind,
                        compute: Callable[[Selection | None], Selection], meta: dict[str, Any],
                        num_layers: int | None = None) -> CachedSelection:
         """The selection for `n` removals: `compute(resume)` with the reusable cached selection (None when there is
@@ -265,7 +274,7 @@ class SelectionCache:
         re-picks a one-shot ranking's n lowest, continues or truncates a greedy order, returns a span for the same
         n, so `compute` is always called, and is cheap when the cache serves everything. A selection that added
         decisions is stored."""
-        resume = self.reusable(key, n, reuse, iterative, num_layers) if self.enabled else None
+        resume = self.reusable(key, n, kind, num_layers) if self.enabled else None
         selection = compute(resume)
         fresh = selection.decisions[len(resume.decisions) if resume is not None else 0:]
         source = "computed" if resume is None else ("cache" if not fresh else "cache+extended")

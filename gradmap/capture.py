@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from gradmap import surgery
-from gradmap.metric import Calibration
+from gradmap.data import Calibration
 from gradmap.models import model_device
 
 # fn(position, layer_input, layer_output) is called for every hooked layer on every forward.

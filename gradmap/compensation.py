@@ -5,19 +5,25 @@
 (or `surgery.dense_view(model, removed)`) without a second copy. It returns a report (sites, calibration error
 before/after, ...) that goes into the run record.
 
-A compensation is one file (in `gradmap/` or `baselines/`) with a subclass and one YAML in `conf/compensation/`.
+A compensation is one file in `methods/` with a subclass and one YAML in `conf/compensation/`. One whose selection
+depends on its own repairs (Prune&Comp: prune, compensate, rescore) subclasses `InterleavedCompensation`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from gradmap.errors import ConfigError
-from gradmap.metric import Calibration, Cost
+
+if TYPE_CHECKING:
+    from gradmap.metric import LayerMetric
+    from gradmap.selection import DecisionCallback, Selection, SelectionKind
+from gradmap.data import Calibration
+from gradmap.stages import Cost
 
 
 class IncompatibleCompensationError(ConfigError):
@@ -30,11 +36,6 @@ class IncompatibleCompensationError(ConfigError):
 
 class Compensation(ABC):
     name = "compensation"
-    trains = False  # compensations that train report their training time separately
-    # True: selection and compensation interleave (Prune&Comp): the runner calls `prune_iteratively(model, metric,
-    # calib, n, cost, resume=..., on_decision=...) -> (Selection, report)` instead of select -> remove_layers ->
-    # apply, and caches that selection as `selection_reuse(metric)` (a `gradmap.metric.Reuse`) says.
-    interleaved = False
     # The result does not depend on `calibration.batch_size`, so out of memory may be retried with smaller
     # micro-batches (gradmap.oom); False for compensations that train (the micro-batch is their optimiser's batch).
     micro_batch_is_memory_knob = True
@@ -59,3 +60,28 @@ class NoCompensation(Compensation):
 
     def apply(self, model, removed, calib, cost):
         return {"sites": []}
+
+
+class InterleavedCompensation(Compensation):
+    """A compensation whose selection and repairs interleave (Prune&Comp: remove the lowest-scoring layer, repair,
+    rescore the repaired model, ...). While `interleaved` is true the runner calls `prune_iteratively` instead of
+    `metric.select` -> `surgery.remove_layers` -> `apply`, and caches its selection under a key that includes the
+    compensation config, as `selection_kind(metric)` says; `apply` remains the one-shot path."""
+
+    interleaved = True  # an instance may turn it off (Prune&Comp's one-shot ablation, `iterative=false`)
+
+    @abstractmethod
+    def prune_iteratively(self, model: nn.Module, metric: LayerMetric, calib: Calibration, num_prune: int,
+                          cost: Cost, resume: Selection | None = None,
+                          on_decision: DecisionCallback | None = None) -> tuple[Selection, dict[str, Any]]:
+        """Select `num_prune` layers with `metric`, removing and repairing as it goes (`model` changed in place);
+        `resume`: cached decisions to replay. Returns the selection and the compensation report."""
+
+    @abstractmethod
+    def selection_kind(self, metric: LayerMetric) -> SelectionKind:
+        """What the interleaved selection with `metric` is, for the selection cache."""
+
+
+def is_interleaved(compensation: Compensation) -> bool:
+    """Whether the runner must let `compensation` select (`InterleavedCompensation.prune_iteratively`)."""
+    return isinstance(compensation, InterleavedCompensation) and compensation.interleaved

@@ -14,7 +14,9 @@ torch is imported where it is used, so validation can read the config classes wi
 from __future__ import annotations
 
 import json
+import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -25,7 +27,6 @@ from gradmap.schema import HELDOUT_CORPORA, HUB_DATASETS, TEST_SPLIT, check_node
 if TYPE_CHECKING:
     import torch
 
-    from gradmap.metric import Calibration
 
 # Draws of a document shorter than a window before giving up (only reachable when almost every text is short).
 _MAX_SHORT_DRAWS = 10_000
@@ -206,6 +207,36 @@ def sample_windows(texts: list[str], tokenizer: Any, num_samples: int, seq_len: 
 
 
 @dataclass
+class Calibration:
+    """Calibration token ids [num_samples, seq_len], iterated in micro-batches of `batch_size` rows."""
+
+    input_ids: torch.Tensor
+    batch_size: int = 8
+    distinct_tokens: int | None = None  # text positions the windows cover (overlaps once), where sampled
+
+    def __post_init__(self):
+        # A non-positive micro-batch size would give no batches at all: every score 0, silently.
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError("calibration.batch_size", self.batch_size, "an integer >= 1")
+        if self.input_ids.dim() != 2 or self.input_ids.shape[0] < 1 or self.input_ids.shape[1] < 2:
+            raise ConfigError("calibration", tuple(self.input_ids.shape), "[num_samples >= 1, seq_len >= 2] tokens",
+                              problem="calibration tokens have an unusable shape")
+
+    def batches(self, device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
+        for start in range(0, self.input_ids.shape[0], self.batch_size):
+            chunk = self.input_ids[start:start + self.batch_size]
+            yield chunk.to(device) if device is not None else chunk
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(self.input_ids.shape[0] / self.batch_size)
+
+
+@dataclass
 class WikiCalibration:
     """Windows from the `calib` split of the offline Wikipedia extract (`path: null`), or from a JSONL file of
     {"text": ...} lines (conf/calibration/wiki_offline.yaml, tiny.yaml)."""
@@ -249,7 +280,6 @@ class HubCalibration:
 
 def _windows(cfg: WikiCalibration | HubCalibration, texts: list[str], tokenizer: Any,
              bos_id: int | None = None) -> Calibration:
-    from gradmap.metric import Calibration
 
     spans: list[tuple[int, int]] = []
     input_ids = sample_windows(texts, tokenizer, int(cfg.num_samples), int(cfg.seq_len), int(cfg.seed), spans,

@@ -38,11 +38,13 @@ from torch import nn
 
 from gradmap import surgery
 from gradmap.capture import layer_io
+from gradmap.data import Calibration
 from gradmap.errors import ConfigError
 from gradmap.grad_state import grad_state_preserved, gradient_checkpointing, only_layer_weights_trainable
 from gradmap.lm_loss import backward_lm_loss
-from gradmap.metric import Calibration, Cost, LayerMetric, Reuse
+from gradmap.metric import LayerMetric
 from gradmap.models import model_device
+from gradmap.stages import Cost
 
 REDUCTIONS = {"weights": ("mean_abs", "l2", "rel_l2"), "activations": ("mean_abs", "l2", "first_order")}
 GRAD_ACCUMULATIONS = ("full", "per_batch")
@@ -109,7 +111,6 @@ class GradMAPMetric(LayerMetric):
     """
 
     name = "gradmap"
-    reuse = Reuse.RANKED  # one-shot: one backward serves every n; iterative: a greedy order
 
     def __init__(self, target: str = "activations", reduction: str = "first_order", iterative: bool = False,
                  accum_dtype: str = "float64", grad_accumulation: str = "full", gradient_checkpointing: bool = True,

@@ -56,17 +56,18 @@ What a `Decision` holds (indexed by original layer, None = removed or not measur
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import torch
 from torch import nn
 
 from gradmap import surgery
+from gradmap.data import Calibration
 from gradmap.errors import ConfigError
 from gradmap.grad_state import eval_mode
 from gradmap.gradmap_metric import GradMAPMetric
-from gradmap.metric import Calibration, Cost, Decision, DecisionCallback, Reuse, Selection
+from gradmap.selection import Decision, DecisionCallback, DecisionTimer, Selection, SelectionKind
+from gradmap.stages import Cost
 from gradmap.verify_budget import SIGNALS, first_windows, loss_positions, loss_sum, window_order
 
 
@@ -121,7 +122,8 @@ class GradMAPVerify(GradMAPMetric):
             rescreen_at_cut
         self.verify_signal, self.verify_positions, self.verify_seed = verify_signal, verify_positions, verify_seed
 
-    reuse = Reuse.GREEDY  # one screened-and-verified decision per removed layer: cached runs serve as prefixes
+    # One screened-and-verified decision per removed layer: cached runs serve as prefixes.
+    selection_kind = SelectionKind.GREEDY
 
     def _verify(self, model: nn.Module, calib: Calibration, kept: list[int],
                 candidates: list[int]) -> tuple[list[float], list[int], int]:
@@ -175,8 +177,7 @@ class GradMAPVerify(GradMAPMetric):
         screen, screen_step = next(((d.gradient_scores, d.step) for d in reversed(decisions)
                                     if d.gradient_scores is not None), (None, None))
         for step in range(len(decisions), num_prune):
-            t0 = time.perf_counter()
-            before = Cost(**cost.as_dict())
+            timer = DecisionTimer(cost)
             kept = surgery.kept_indices(original_count, removed)
             prunable = [i for i in self.prunable(original_count) if i in kept]
             gradient: list[float | None] | None = None
@@ -195,10 +196,10 @@ class GradMAPVerify(GradMAPMetric):
                     verified = self.lowest(ranking, self.candidates) if self.candidates > 1 else []
                 else:  # every prunable layer is a candidate: the screen cannot change the choice
                     verified = prunable
-                screen_done = time.perf_counter()
+                screen_seconds = timer.scored()
                 mid = Cost(**cost.as_dict())
                 ppl, tokens, winner = self._verify(model, calib, kept, verified) if verified else ([], [], None)
-            score_seconds = time.perf_counter() - t0
+            score_seconds = timer.scored()
             if not all(torch.isfinite(torch.tensor(ppl, dtype=torch.float64))):
                 raise RuntimeError(f"gradmap_verify: non-finite calibration perplexity {ppl} for layers {verified}")
             if verified:
@@ -210,12 +211,9 @@ class GradMAPVerify(GradMAPMetric):
                 full = list(ranking)
                 take = self.lowest(full, 1)
             removed.extend(take)
-            decisions.append(Decision(
-                step=step, scores=full, removed=take, seconds=time.perf_counter() - t0, score_seconds=score_seconds,
-                forward_tokens=cost.forward_tokens - before.forward_tokens,
-                backward_tokens=cost.backward_tokens - before.backward_tokens,
-                gradient_scores=gradient, verified=list(verified),
-                verify_seconds=score_seconds - (screen_done - t0) if verified else 0.0,
+            decisions.append(timer.decision(
+                step, full, take, gradient_scores=gradient, verified=list(verified),
+                verify_seconds=score_seconds - screen_seconds if verified else 0.0,
                 verify_forward_tokens=cost.forward_tokens - mid.forward_tokens,
                 verify_tokens=tokens if self.verify_fraction < 1 else [], screened_at=reused_from))
             if on_decision is not None:

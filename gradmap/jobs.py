@@ -369,7 +369,7 @@ def _run_job(cfg: Any, out_dir: Path, choices: dict[str, str], raise_errors: boo
         third_party_caches(checked.cache, Path(out_dir))
         from gradmap.runner import Run  # the heavy imports (torch, transformers) only once the config is valid
 
-        rec = Run(cfg, Path(out_dir), choices, job, checked).execute()
+        rec = Run(checked, Path(out_dir), job).execute()
         return JobResult("done", 0, None, rec)
     except ConfigError as err:
         job.end("failed", reason=str(err), error=_error_dict(err, traceback.format_exc() if err.__cause__ else None))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gradmap.metric import Cost
+from gradmap.stages import Cost
 
 # model_type values whose CausalLM forward is `logits = lm_head(decoder(ids).last_hidden_state)` (+ soft-capping).
 CHUNKABLE = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2",

@@ -2,17 +2,16 @@
 mirrors it (W&B, or nothing).
 
 `NullLogger` and `WandbLogger` are the YAMLs' `_target_`s: their fields are the YAML's keys, without defaults.
-Building one is cheap (no import of wandb); `start` opens the run.
+Validation builds one (cheap: no import of wandb); the run calls its `start`, which opens the W&B run.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
-
-from omegaconf import DictConfig, OmegaConf
 
 from gradmap.record import RunRecord
 from gradmap.schema import WANDB_MODES, option
@@ -32,7 +31,7 @@ def decision_row(decision: Any, cached: bool = False) -> dict[str, Any]:
 class NullLogger:
     """No experiment logger (conf/logger/none.yaml): record.json is still written."""
 
-    def start(self, cfg: DictConfig, out_dir: Path, choices: dict[str, str]) -> NullLogger:
+    def start(self, config: Mapping[str, Any], out_dir: Path, choices: dict[str, str]) -> NullLogger:
         return self
 
     def log_decision(self, decision: Any, cached: bool = False) -> None:
@@ -57,7 +56,8 @@ class WandbLogger:
     tags: list[str] = option()
     name: Optional[str] = option()  # null: <model>-<metric>-<compensation>, then -r<prune_ratio>
 
-    def start(self, cfg: DictConfig, out_dir: Path, choices: dict[str, str]) -> WandbLogger:
+    def start(self, config: Mapping[str, Any], out_dir: Path, choices: dict[str, str]) -> WandbLogger:
+        """Open the W&B run; `config`: the run's resolved config (`Checked.config`)."""
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
@@ -65,8 +65,8 @@ class WandbLogger:
         name = self.name or "-".join(f"{choices.get(g)}" for g in ("model", "metric", "compensation"))
         self.run = wandb.init(
             project=self.project, entity=self.entity, mode=self.mode, group=self.group, tags=list(self.tags or []),
-            name=f"{name}-r{cfg.get('prune_ratio')}", dir=str(out_dir),
-            config={**OmegaConf.to_container(cfg, resolve=True), "choices": choices}, reinit="finish_previous")
+            name=f"{name}-r{config.get('prune_ratio')}", dir=str(out_dir),
+            config={**config, "choices": choices}, reinit="finish_previous")
         return self
 
     def log_decision(self, decision: Any, cached: bool = False) -> None:
@@ -93,10 +93,3 @@ class WandbLogger:
 
     def finish(self, status: str) -> None:
         self.run.finish(exit_code=0 if status == "done" else 1)
-
-
-def make_logger(log_cfg: Any, cfg: DictConfig, out_dir: Path, choices: dict[str, str]) -> NullLogger | WandbLogger:
-    """Build the logger of a `conf/logger/*.yaml` node (through its `_target_`) and start it."""
-    from hydra.utils import instantiate
-
-    return instantiate(log_cfg, _convert_="all").start(cfg, out_dir, choices)

@@ -46,8 +46,8 @@ from torch import nn
 from gradmap import surgery
 from gradmap.capture import FinalErrorSums, dense_states, layer_outputs
 from gradmap.compensation import Compensation, IncompatibleCompensationError
+from gradmap.data import Calibration
 from gradmap.errors import ConfigError
-from gradmap.metric import Calibration, Cost, progress
 from gradmap.models import model_device
 from gradmap.module_paths import OUTPUT_PROJECTIONS, POST_MLP_NORMS, first_path
 from gradmap.post_norm import (
@@ -62,6 +62,8 @@ from gradmap.post_norm import (
     post_norm_sums,
     scale_gain,
 )
+from gradmap.progress import progress
+from gradmap.stages import Cost
 
 SITE_RULES = ("largest", "largest_gap", "topk", "before_gap")
 SHIFT_MEASURES = ("mean", "rms")

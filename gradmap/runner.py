@@ -1,7 +1,9 @@
 """One pruning run: load -> calibration data -> score/select -> prune -> compensate -> evaluate -> record.
 
-`Run.execute` is the pipeline of one job whose config passed validation; `gradmap.jobs.run_job` calls it (record
-history, validation, failures). It fills the job's `RunRecord` (written as `record.json`, the source of truth) and
+`Run.execute` is the pipeline of one job whose config passed validation (`gradmap.validation.Checked`, the one
+input: cache keys, logger and names all derive from it); `gradmap.jobs.run_job` calls it (record history,
+validation, failures). `select_layers` is the select-only entry point (no pruning, evaluation or record) for
+experiments that compare selections. It fills the job's `RunRecord` (written as `record.json`, the source of truth) and
 writes `scores.csv` into the run folder, a per-layer score plot, and mirrors the essentials to the configured
 logger, each pruning decision as it is made.
 """
@@ -18,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from gradmap import surgery
 from gradmap.assets import use_cache_root
 from gradmap.cache import (
+    CachedSelection,
     CacheEntryError,
     SelectionCache,
     check_dense_entry,
@@ -33,16 +35,16 @@ from gradmap.cache import (
     selection_key,
 )
 from gradmap.checkpoint import save_checkpoint
+from gradmap.compensation import is_interleaved
 from gradmap.data import load_heldout
 from gradmap.errors import ConfigError, brief
 from gradmap.evaluation import evaluate, headline, retained
 from gradmap.files import atomic_write_json, atomic_write_text, move_aside
-from gradmap.loggers import make_logger
-from gradmap.metric import Cost, Decision, Selection
 from gradmap.models import resolve_device, resolve_dtype
 from gradmap.oom import ParamFingerprint, retry_halving
 from gradmap.record import RunRecord, environment
-from gradmap.stages import StageRecorder
+from gradmap.selection import Decision, Selection
+from gradmap.stages import Cost, StageRecorder
 from gradmap.validation import Checked
 from gradmap.windows import decide_window_bos
 
@@ -134,13 +136,74 @@ class DecisionLog:
                     pass
 
 
+def with_calibration_retry(stage: str, calib, cost: Cost, attempt, allowed: bool, on_retry, can_retry=None):
+    """`attempt()` with `calib.batch_size` halved after each out-of-memory error (`gradmap.oom`); the failed attempt's
+    tokens are taken back out of the stage's cost, and the smaller micro-batch stays for the later stages."""
+    start = Cost(**cost.as_dict())
+
+    def with_batch(bs: int):
+        calib.batch_size = bs
+        cost.forward_tokens, cost.backward_tokens, cost.train_tokens = (
+            start.forward_tokens, start.backward_tokens, start.train_tokens)
+        return attempt()
+
+    return retry_halving(with_batch, stage=stage, key="calibration.batch_size", batch_size=calib.batch_size,
+                         on_retry=on_retry, allowed=allowed, can_retry=can_retry)
+
+
+def cached_selection(checked: Checked, model, calib, bos: bool, recorder: StageRecorder, meta: dict[str, Any],
+                     on_decision=None, on_retry=None) -> tuple[CachedSelection, str]:
+    """The metric's selection of `checked.num_prune` layers through the selection cache
+    (`SelectionCache.get_or_compute`, as `checked.metric.selection_kind` says), and its cache key. The stage's time
+    is split into the scoring passes (`score`) and the choosing in between (`select`). `bos`: whether the windows
+    start with a BOS token (part of the key); `meta`: what the cache entry says it is (for people reading it)."""
+    metric, n = checked.metric, checked.num_prune
+    key, total = selection_key(checked.config, bos), 0.0
+
+    def compute(resume: Selection | None) -> Selection:
+        nonlocal total
+        with recorder.stage("score", model) as cost:
+            t0 = time.perf_counter()
+
+            def attempt() -> Selection:
+                return metric.select(model, calib, n, cost, resume=resume, on_decision=on_decision)
+
+            selection = with_calibration_retry("score", calib, cost, attempt, metric.micro_batch_is_memory_knob,
+                                               on_retry or (lambda _retry: None))
+            total = time.perf_counter() - t0
+        return selection
+
+    cache = SelectionCache(checked.cache, enabled=checked.config["cache_selection"])
+    got = cache.get_or_compute(key, n, metric.selection_kind, compute, meta, surgery.num_layers(model))
+    recorder.move("score", "select", total - sum(d.score_seconds for d in got.fresh))
+    return got, key
+
+
+def select_layers(checked: Checked, model, tokenizer,
+                  meta: dict[str, Any] | None = None) -> tuple[CachedSelection, StageRecorder]:
+    """Select-only entry point: the calibration windows and the metric's selection through the selection cache, as
+    a run's `calibration`, `score` and `select` stages make them (same seed, BOS decision and cache key), without
+    pruning, evaluation or a record. `checked`: `gradmap.validation.validate` of a composed config; `model`: loaded
+    by its model config (`checked.model.load()`) and left unchanged. The recorder holds the stages' time and
+    tokens; `meta`: what the cache entry says it is."""
+    seed_everything(checked.config["seed"])
+    windows = decide_window_bos(checked.model.window_bos, model.config, tokenizer)
+    recorder = StageRecorder(next(model.parameters()).device, progress=False)
+    with recorder.stage("calibration"):
+        calib = checked.calibration.load(tokenizer, windows.token)
+    got, _key = cached_selection(checked, model, calib, windows.bos, recorder,
+                                 meta or {"metric": type(checked.metric).__name__})
+    return got, recorder
+
+
 class Run:
     """The pipeline of one job whose config passed validation (`checked`, which holds the built group objects);
     `job` owns the record and its history, so a failure at any stage still leaves a complete record."""
 
-    def __init__(self, cfg: DictConfig, out_dir: Path, choices: dict[str, str], job, checked: Checked):
-        self.cfg, self.out_dir, self.choices, self.job, self.checked = cfg, Path(out_dir), choices, job, checked
+    def __init__(self, checked: Checked, out_dir: Path, job):
+        self.checked, self.out_dir, self.job = checked, Path(out_dir), job
         self.record: RunRecord = job.record
+        self.choices: dict[str, str] = self.record.choices
         self.record.environment = environment()
         self.recorder = StageRecorder(checked.device if checked.device != "auto" else resolve_device("auto"))
         self.logger = None
@@ -164,7 +227,7 @@ class Run:
 
     def _start_logger(self) -> None:
         try:
-            self.logger = make_logger(self.cfg.logger, self.cfg, self.out_dir, self.choices)
+            self.logger = self.checked.logger.start(self.checked.config, self.out_dir, self.choices)
         except ConfigError:
             raise
         except Exception as err:  # noqa: BLE001  (W&B cannot start: no login, no network, a bad project name)
@@ -210,7 +273,7 @@ class Run:
         rec.results = {"dense": self._dense_results(model, tokenizer, heldout)}
         self.save()
 
-        if compensation.interleaved:  # e.g. Prune&Comp: prune, compensate, rescore
+        if is_interleaved(compensation):  # e.g. Prune&Comp: prune, compensate, rescore
             selection, comp_report = self._prune_interleaved(model, metric, compensation, calib, n)
         else:
             selection = self._select(model, metric, calib, n)
@@ -221,7 +284,7 @@ class Run:
                            f"{self.choices.get('metric')} on {self.choices.get('model')}")
         self.save()
 
-        if compensation.interleaved:
+        if is_interleaved(compensation):
             rec.compensation = comp_report
         else:
             with stage("prune"):
@@ -261,28 +324,13 @@ class Run:
         return SelectionCache(self.checked.cache, enabled=self.checked.config["cache_selection"])
 
     def _select(self, model, metric, calib, n: int) -> Selection:
-        """Score and choose layers through the selection cache (`SelectionCache.get_or_compute`); the stage's time
-        is split into the scoring passes (`score`) and the choosing in between (`select`)."""
-        key, log, total = selection_key(self.cfg, self.bos_id is not None), DecisionLog(self.logger), 0.0
-
-        def compute(resume: Selection | None) -> Selection:
-            nonlocal total
-            with self.recorder.stage("score", model) as cost:
-                t0 = time.perf_counter()
-
-                def attempt() -> Selection:
-                    return metric.select(model, calib, n, cost, resume=resume, on_decision=log.on_decision)
-
-                selection = self._with_calibration_retry("score", calib, cost, attempt,
-                                                         metric.micro_batch_is_memory_knob)
-                total = time.perf_counter() - t0
-            return selection
-
-        got = self._selection_cache().get_or_compute(
-            key, n, metric.reuse, metric.iterative, compute,
-            {"model": self.choices.get("model"), "metric": self.choices.get("metric")}, surgery.num_layers(model))
+        """Score and choose layers through the selection cache (`cached_selection`); a decision goes to the log and
+        the logger as it is made."""
+        log = DecisionLog(self.logger)
+        got, key = cached_selection(self.checked, model, calib, self.bos_id is not None, self.recorder,
+                                    {"model": self.choices.get("model"), "metric": self.choices.get("metric")},
+                                    on_decision=log.on_decision, on_retry=self.record.oom_retries.append)
         log.flush(got.selection)
-        self.recorder.move("score", "select", total - sum(d.score_seconds for d in got.fresh))
         self._record_selection(metric, got.selection, got.source, key)
         return got.selection
 
@@ -290,7 +338,7 @@ class Run:
         """Selection and compensation in one loop (the selection depends on the compensation): cached under a key
         that includes the compensation config; cached decisions are replayed (removal and fold, no rescoring). The
         fresh decisions' own time and tokens are booked to `score` and `select`, the rest stays `compensate`."""
-        key, log, report = interleaved_key(self.cfg, self.bos_id is not None), DecisionLog(self.logger), {}
+        key, log, report = interleaved_key(self.checked.config, self.bos_id is not None), DecisionLog(self.logger), {}
 
         def compute(resume: Selection | None) -> Selection:
             nonlocal report
@@ -301,8 +349,8 @@ class Run:
 
         meta = {g: self.choices.get(g) for g in ("model", "metric", "compensation")}
         num_layers = surgery.num_layers(model)
-        got = self._selection_cache().get_or_compute(key, n, compensation.selection_reuse(metric), True, compute,
-                                                     meta, num_layers)
+        got = self._selection_cache().get_or_compute(key, n, compensation.selection_kind(metric), compute, meta,
+                                                     num_layers)
         log.flush(got.selection)
         fresh = got.fresh
         scored = Cost(forward_tokens=sum(d.forward_tokens for d in fresh),
@@ -314,27 +362,12 @@ class Run:
 
     # ------------------------------------------------------- out of memory: halve the micro-batch (gradmap.oom)
 
-    def _with_calibration_retry(self, stage: str, calib, cost: Cost, attempt, allowed: bool,
-                                can_retry=None):
-        """`attempt()` with `calib.batch_size` halved after each out-of-memory error; the failed attempt's tokens are
-        taken back out of the stage's cost, and the smaller micro-batch stays for the later stages."""
-        start = Cost(**cost.as_dict())
-
-        def with_batch(bs: int):
-            calib.batch_size = bs
-            cost.forward_tokens, cost.backward_tokens, cost.train_tokens = (
-                start.forward_tokens, start.backward_tokens, start.train_tokens)
-            return attempt()
-
-        return retry_halving(with_batch, stage=stage, key="calibration.batch_size", batch_size=calib.batch_size,
-                             on_retry=self.record.oom_retries.append, allowed=allowed, can_retry=can_retry)
-
     def _compensate(self, model, compensation, removed, calib, cost: Cost) -> dict[str, Any]:
         before = ParamFingerprint(model)  # a retry is safe only if the failed attempt changed no weight
-        return self._with_calibration_retry("compensate", calib, cost,
-                                            lambda: compensation.apply(model, removed, calib, cost),
-                                            compensation.micro_batch_is_memory_knob,
-                                            can_retry=lambda: before.unchanged(model))
+        return with_calibration_retry("compensate", calib, cost,
+                                      lambda: compensation.apply(model, removed, calib, cost),
+                                      compensation.micro_batch_is_memory_knob, self.record.oom_retries.append,
+                                      can_retry=lambda: before.unchanged(model))
 
     def _evaluate(self, model, tokenizer, heldout, stage: str) -> dict[str, Any]:
         """`evaluate` with `eval.perplexity.batch_size` (and lm-eval's batch size in proportion) halved after each
@@ -358,8 +391,8 @@ class Run:
         self.record.original_scoring = original_scoring(metric, selection)
 
     def _dense_results(self, model, tokenizer, heldout) -> dict[str, Any]:
-        cfg, evaluation = self.cfg, self.checked.evaluation
-        key = dense_cache_key(cfg, self.bos_id is not None)
+        evaluation = self.checked.evaluation
+        key = dense_cache_key(self.checked.config, self.bos_id is not None)
         cache_file = self.checked.cache / "dense_eval" / f"{key}.json"
         cached = read_json_entry(cache_file) if evaluation.cache_dense else None
         if cached is not None:

@@ -1,4 +1,5 @@
-"""Per-stage bookkeeping of a run: wall time (device-synchronised), peak memory and token cost.
+"""Per-stage bookkeeping of a run: wall time (device-synchronised), peak memory and token cost (`Cost`, counted by
+`count_forward_tokens` on every full-model forward).
 
 "Pruning time" is the sum of PRUNING_STAGES. A stage that measures more than its name says (the selection stage
 times scoring passes and the choosing in between; Prune&Comp's interleaved loop times scoring inside compensation)
@@ -10,15 +11,53 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from gradmap.memory import PeakRSS
-from gradmap.metric import Cost, count_forward_tokens
 
 PRUNING_STAGES = ("score", "select", "prune", "compensate")  # "pruning time" = the sum of these
+
+
+@dataclass
+class Cost:
+    """Machine-independent cost: tokens pushed through the full model forward, and through backward."""
+
+    forward_tokens: int = 0
+    backward_tokens: int = 0
+    train_tokens: int = 0  # tokens through trained sub-modules (compensations that train), not full-model passes
+
+    def add(self, other: Cost) -> None:
+        self.forward_tokens += other.forward_tokens
+        self.backward_tokens += other.backward_tokens
+        self.train_tokens += other.train_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def count_forward_tokens(model: nn.Module, cost: Cost) -> Iterator[Cost]:
+    """Count the tokens of every full-model forward while the context is open (the runner wraps each stage)."""
+
+    def hook(_module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor):
+            ids = args[0]
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+            cost.forward_tokens += 0 if ids is None else ids.shape[0] * ids.shape[1]
+        else:
+            cost.forward_tokens += ids.numel()
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield cost
+    finally:
+        handle.remove()
 
 
 class StageRecorder:

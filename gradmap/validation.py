@@ -372,10 +372,11 @@ def resolve(cfg: Any) -> dict[str, Any]:
                           allowed="a value or a resolvable ${...} interpolation") from err
 
 
-def validate(cfg: Any, run_dir: str | Path | None = None, build: bool = True) -> Checked:
+def validate(cfg: Any, run_dir: str | Path | None = None, build: bool = True, evaluate: bool = True) -> Checked:
     """Check the whole run config before anything is loaded; raise ConfigError on the first problem.
 
-    `build=False` skips the checks that import torch/transformers (device, metric, compensation, meta model).
+    `build=False` skips the checks that import torch/transformers (device, metric, compensation, meta model);
+    `evaluate=False` (select-only use, `gradmap.runner.select_layers`) skips the eval group: nothing is evaluated.
     """
     c = cfg if isinstance(cfg, dict) else resolve(cfg)
     for group in GROUPS:
@@ -403,9 +404,10 @@ def validate(cfg: Any, run_dir: str | Path | None = None, build: bool = True) ->
     logger = build_group("logger", c["logger"])
     calibration = build_group("calibration", c["calibration"])
     check_calibration(calibration, cache)
-    evaluation = build_group("eval", c["eval"])
-    check_eval(evaluation, c["tuning"], cache)
-    if isinstance(model, TinyRandomModel) and evaluation.lm_eval.tasks:
+    evaluation = build_group("eval", c["eval"]) if evaluate else None
+    if evaluation is not None:
+        check_eval(evaluation, c["tuning"], cache)
+    if evaluation is not None and isinstance(model, TinyRandomModel) and evaluation.lm_eval.tasks:
         raise ConfigError("eval.lm_eval.tasks", evaluation.lm_eval.tasks, "[] with model=tiny_random",
                           problem="lm-eval needs a real tokenizer; model=tiny_random's byte tokenizer only supports "
                                   "perplexity")

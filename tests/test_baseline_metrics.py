@@ -22,8 +22,9 @@ from baselines.streamline import StreamlineSpan
 from baselines.taylor import BlockTaylor
 from gradmap import surgery
 from gradmap.capture import collect_layer_io
-from gradmap.metric import Calibration, Cost, count_forward_tokens
+from gradmap.data import Calibration
 from gradmap.models import tiny_random_llama
+from gradmap.stages import Cost, count_forward_tokens
 from tests.model_state import assert_unchanged, snapshot
 
 METRIC_DIR = Path(__file__).resolve().parents[1] / "conf" / "metric"

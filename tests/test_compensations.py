@@ -19,8 +19,9 @@ from baselines.streamline_comp import StreamlineTraining
 from gradmap import surgery
 from gradmap.capture import collect_layer_io
 from gradmap.compensation import IncompatibleCompensationError
-from gradmap.metric import Calibration, Cost
+from gradmap.data import Calibration
 from gradmap.models import tiny_random_llama
+from gradmap.stages import Cost
 
 COMP_DIR = Path(__file__).resolve().parents[1] / "conf" / "compensation"
 COMP_YAMLS = sorted(COMP_DIR.glob("**/*.yaml"))
@@ -93,7 +94,7 @@ def test_contract(yaml_path):
         assert rel_error(pruned, dense) < error_before
     extra = n_params(model) - params_before
     assert extra == 0 or (report.get("untied_embeddings") and report.get("extra_parameters") == extra)
-    if comp.trains:
+    if isinstance(comp, StreamlineTraining):  # a compensation that trains books its training separately
         assert report["train_seconds"] > 0 and cost.train_tokens > 0 and report["final_train_loss"] >= 0
 
 

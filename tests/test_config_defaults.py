@@ -15,6 +15,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 import run  # noqa: F401  (registers the `split` resolver)
+from gradmap.selection import SelectionKind
 from gradmap.validation import GROUPS, TopLevelSchema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,10 +96,23 @@ def test_top_level_keys_are_the_schema():
     assert keys == {f.name for f in dataclasses.fields(TopLevelSchema)}
 
 
-def test_every_metric_says_how_its_selection_is_reused():
-    """Selection reuse is declared, not guessed: each metric class of conf/metric sets `reuse` itself."""
-    from gradmap.metric import Reuse
+def test_every_metric_declares_its_selection_kind():
+    """The selection kind (what the cache and `select` both read) is declared, not guessed: a metric class that
+    chooses with its own `select` declares its kind as a class attribute; the others are one-shot or greedy as their
+    `iterative` option says."""
+    import inspect
+
+    from hydra.utils import instantiate
+
+    from gradmap.metric import LayerMetric
 
     for path in sorted((CONF / "metric").glob("*.yaml")):
-        cls = get_object(OmegaConf.load(path)["_target_"])
-        assert isinstance(cls.__dict__.get("reuse"), Reuse), f"{cls.__name__} ({path.name}) does not set `reuse`"
+        node = OmegaConf.load(path)
+        cls = get_object(node["_target_"])
+        metric = instantiate(node)
+        assert isinstance(metric.selection_kind, SelectionKind), path.name
+        if cls.select is not LayerMetric.select:
+            assert isinstance(inspect.getattr_static(cls, "selection_kind"), SelectionKind), \
+                f"{cls.__name__} ({path.name}) has its own select but does not declare `selection_kind`"
+        else:
+            assert metric.selection_kind is (SelectionKind.GREEDY if metric.iterative else SelectionKind.ONE_SHOT)

@@ -279,9 +279,10 @@ def test_bf16_on_cpu_score_prune_project_evaluate_save(tmp_path):
 
 
 def test_projection_fit_is_float64_for_a_bf16_model():
-    from gradmap.metric import Calibration, Cost
+    from gradmap.data import Calibration
     from gradmap.models import tiny_random_llama
     from gradmap.projection import ProjectionCompensation
+    from gradmap.stages import Cost
 
     model = tiny_random_llama(num_layers=6).to(torch.bfloat16)
     removed = surgery.remove_layers(model, [2])
@@ -310,8 +311,9 @@ class _Tty(io.StringIO):
 
 def test_progress_bars_on_a_terminal_and_silent_in_logs(monkeypatch):
     from baselines.sleb import SLEB
-    from gradmap.metric import Calibration, Cost
+    from gradmap.data import Calibration
     from gradmap.models import tiny_random_llama
+    from gradmap.stages import Cost
 
     model = tiny_random_llama(num_layers=5)
     calib = Calibration(torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0)), 2)
@@ -328,7 +330,7 @@ def test_progress_bars_on_a_terminal_and_silent_in_logs(monkeypatch):
 
 
 def test_each_decision_is_logged_as_it_happens(tmp_path, monkeypatch, capsys):
-    import gradmap.runner
+    import gradmap.loggers
 
     events = []
 
@@ -342,7 +344,7 @@ def test_each_decision_is_logged_as_it_happens(tmp_path, monkeypatch, capsys):
         def finish(self, status):
             events.append(("finish", status))
 
-    monkeypatch.setattr(gradmap.runner, "make_logger", lambda *a: Recorder())
+    monkeypatch.setattr(gradmap.loggers.NullLogger, "start", lambda *a: Recorder())
     rec = run(make_cfg(tmp_path, "num_prune=2", "metric.iterative=true"), tmp_path / "job", CHOICES)
     assert events[:2] == [("decision", 0, [rec["selection"]["removal_order"][0]], False),
                           ("decision", 1, [rec["selection"]["removal_order"][1]], False)]
@@ -357,12 +359,12 @@ def test_each_decision_is_logged_as_it_happens(tmp_path, monkeypatch, capsys):
 
 
 def test_a_logger_that_cannot_start_is_one_line_and_leaves_a_record(tmp_path, monkeypatch):
-    import gradmap.runner
+    import gradmap.loggers
 
     def no_login(*_):
         raise RuntimeError("api_key not configured (no-tty)")
 
-    monkeypatch.setattr(gradmap.runner, "make_logger", no_login)
+    monkeypatch.setattr(gradmap.loggers.NullLogger, "start", no_login)
     with pytest.raises(ConfigError, match=r"^logger='none': the none logger cannot start .*logger=none") as info:
         run(make_cfg(tmp_path, "num_prune=1"), tmp_path / "job", CHOICES)
     assert "\n" not in str(info.value)
@@ -373,7 +375,7 @@ def test_a_logger_that_cannot_start_is_one_line_and_leaves_a_record(tmp_path, mo
 
 def test_wandb_logger_logs_a_decision_as_a_step():
     from gradmap.loggers import WandbLogger, decision_row
-    from gradmap.metric import Decision
+    from gradmap.selection import Decision
 
     logged = []
     logger = WandbLogger.__new__(WandbLogger)

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from gradmap import surgery
+from gradmap.data import Calibration
 from gradmap.gradmap_metric import GradMAPMetric
-from gradmap.metric import Calibration, Cost, count_forward_tokens
 from gradmap.models import tiny_random_llama
+from gradmap.stages import Cost, count_forward_tokens
 from tests.model_state import assert_unchanged, snapshot
 
 VOCAB = 256

@@ -19,10 +19,12 @@ from torch import nn
 from baselines.sleb import SLEB
 from gradmap import surgery
 from gradmap.cache import SelectionCache
+from gradmap.data import Calibration
 from gradmap.gradmap_metric import GradMAPMetric
 from gradmap.gradmap_verify import GradMAPVerify
-from gradmap.metric import Calibration, Cost, Reuse, Selection, count_forward_tokens
 from gradmap.models import tiny_random_llama
+from gradmap.selection import Selection, SelectionKind
+from gradmap.stages import Cost, count_forward_tokens
 from tests.model_state import assert_unchanged, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,17 +215,17 @@ def test_selection_round_trips_and_old_entries_load():
 def test_prefix_reuse_resumes_and_truncates(tmp_path):
     model, calib = make_model(), make_calib()
     metric = GradMAPVerify(candidates=2)
-    assert metric.reuse is Reuse.GREEDY
+    assert metric.selection_kind is SelectionKind.GREEDY
     full = metric.select(model, calib, PRUNE, Cost())
     cache = SelectionCache(tmp_path)
     cache.store("k", 1, metric.select(model, calib, 1, Cost()), {})
-    cached = cache.reusable("k", PRUNE, metric.reuse, metric.iterative)
+    cached = cache.reusable("k", PRUNE, metric.selection_kind)
     assert cached.removed == full.removed[:1]  # shorter: continued from there
     resumed, cost = counted_select(metric, model, calib, PRUNE, resume=cached)
     assert resumed.removed == full.removed
     assert cost.backward_tokens == 2 * calib.num_tokens  # only the two new decisions were screened
     cache.store("k", PRUNE, resumed, {})
-    shorter = cache.reusable("k", 2, metric.reuse, metric.iterative)
+    shorter = cache.reusable("k", 2, metric.selection_kind)
     assert shorter.removed == full.removed[:2] and len(shorter.decisions) == 2  # the first 2 of the longer one
 
 

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from baselines.taylor import BlockTaylor
+from gradmap.data import Calibration
 from gradmap.gradmap_metric import GradMAPMetric
 from gradmap.gradmap_verify import GradMAPVerify
 from gradmap.lm_loss import backward_lm_loss, chunkable, chunked_loss
-from gradmap.metric import Calibration, Cost, count_forward_tokens
 from gradmap.models import tiny_random_llama
+from gradmap.stages import Cost, count_forward_tokens
 from tests.model_state import assert_unchanged, snapshot
 
 VOCAB = 256

@@ -17,8 +17,9 @@ from torch import nn
 from baselines.ppl import PerplexityDrop
 from baselines.sleb import SLEB
 from gradmap.cache import CACHE_VERSION, model_key, selection_key, stable_hash, without_memory_knobs
-from gradmap.metric import Calibration, Cost, count_forward_tokens
+from gradmap.data import Calibration
 from gradmap.models import tiny_random_llama
+from gradmap.stages import Cost, count_forward_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,9 +22,10 @@ from transformers.pytorch_utils import Conv1D
 
 from gradmap import surgery
 from gradmap.compensation import IncompatibleCompensationError
-from gradmap.metric import Calibration, Cost
+from gradmap.data import Calibration
 from gradmap.models import tiny_random_llama
 from gradmap.projection import ProjectionCompensation, choose_sites, fit_projection, fold_projection, shift_value
+from gradmap.stages import Cost
 
 VOCAB = 128
 
@@ -269,7 +270,7 @@ def test_guarded_projection_never_raises_the_final_error(seed, alpha):
 
 
 def test_guard_costs_no_forward_pass_when_every_fold_is_kept():
-    from gradmap.metric import count_forward_tokens
+    from gradmap.stages import count_forward_tokens
 
     results = {}
     for guard in ("none", "final_error"):

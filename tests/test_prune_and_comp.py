@@ -24,8 +24,11 @@ from baselines.prune_and_comp import (
 )
 from gradmap import surgery
 from gradmap.capture import collect_layer_io
-from gradmap.metric import Calibration, Cost, LayerMetric, Selection
+from gradmap.data import Calibration
+from gradmap.metric import LayerMetric
 from gradmap.models import tiny_random_llama
+from gradmap.selection import Selection
+from gradmap.stages import Cost
 
 YAML = Path(__file__).resolve().parents[1] / "conf" / "compensation" / "prune_and_comp.yaml"
 

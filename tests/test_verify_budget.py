@@ -18,11 +18,13 @@ from torch import nn
 import baselines.ppl
 from baselines.sleb import SLEB
 from gradmap import surgery
+from gradmap.data import Calibration
 from gradmap.errors import ConfigError
 from gradmap.gradmap_metric import GradMAPMetric
 from gradmap.gradmap_verify import GradMAPVerify
-from gradmap.metric import Calibration, Cost, Selection, count_forward_tokens
 from gradmap.models import tiny_random_llama
+from gradmap.selection import Selection
+from gradmap.stages import Cost, count_forward_tokens
 from gradmap.verify_budget import first_windows, halving_windows, loss_positions, loss_sum, window_order
 from tests.model_state import assert_unchanged, snapshot
 
