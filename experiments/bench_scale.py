@@ -9,7 +9,7 @@ Random weights make the scores meaningless but the cost real: time, memory and t
         --num-prune 2                                       # seconds on a CPU (tests/test_bench_scale.py)
 
 On a GPU machine without network access, to which only a small folder can be copied (README, "GPU check"), the
-folder needs: this project's code (gradmap/, baselines/, experiments/, conf/, run.py), hydra-core, omegaconf and
+folder needs: this project's code (gradmap/, methods/, experiments/, conf/, run.py), hydra-core, omegaconf and
 antlr4 as pure-Python package folders, the `wiki` asset folder of the cache (calibration text) and the offline
 tokenizer's files (tokenizer.json, tokenizer_config.json of `smollm2_135m`); PYTHONPATH and GRADMAP_CACHE point
 there, and `--tokenizer` names the tokenizer folder. PyTorch, transformers and accelerate must be installed there.

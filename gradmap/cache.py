@@ -53,10 +53,23 @@ def plain(node: Any) -> Any:
     return copy.deepcopy(node)
 
 
+def hashed_group(node: Any) -> Any:
+    """A metric/compensation node as keys hash it: a class that moved (`gradmap.targets.MOVED_TARGETS`) under its
+    path from before the move, so entries computed before are still found."""
+    from gradmap.targets import KEY_TARGETS
+
+    node = plain(node)
+    if isinstance(node, dict) and node.get("_target_") in KEY_TARGETS:
+        node["_target_"] = KEY_TARGETS[node["_target_"]]
+    return node
+
+
 def scoring_revision(target: str | None) -> int:
     """The `scoring_revision` of the metric class a config's `_target_` names (0 if it names none or cannot be
     imported: validation refuses such a config before any key is needed)."""
-    module, _, name = (target or "").rpartition(".")
+    from gradmap.targets import MOVED_TARGETS
+
+    module, _, name = MOVED_TARGETS.get(target, target or "").rpartition(".")
     try:
         return int(getattr(getattr(importlib.import_module(module), name), "scoring_revision", 0))
     except (ImportError, AttributeError, ValueError, TypeError):
@@ -95,7 +108,7 @@ def selection_key(cfg: Mapping[str, Any], bos: bool) -> str:
     metric keys hash as the code before them had them (`without_memory_knobs`)."""
     parts = {
         "model": model_key(cfg, bos),
-        "metric": without_memory_knobs(plain(cfg["metric"])),
+        "metric": without_memory_knobs(hashed_group(cfg["metric"])),
         "calibration": plain(cfg["calibration"]),
         "seed": cfg["seed"], "dtype": cfg.get("dtype"), "v": CACHE_VERSION,
     }
@@ -109,7 +122,7 @@ def interleaved_key(cfg: Mapping[str, Any], bos: bool) -> str:
     """Key of a selection made together with its compensation (Prune&Comp): the selection key and the compensation
     config, since the compensation changes the model the metric rescores."""
     return stable_hash({"selection": selection_key(cfg, bos), "v": 1,
-                        "compensation": plain(cfg["compensation"])})
+                        "compensation": hashed_group(cfg["compensation"])})
 
 
 def dense_cache_key(cfg: Mapping[str, Any], bos: bool) -> str:

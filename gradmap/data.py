@@ -288,13 +288,10 @@ def _windows(cfg: WikiCalibration | HubCalibration, texts: list[str], tokenizer:
                        distinct_tokens=distinct_tokens(spans, int(cfg.seq_len)))
 
 
-CALIBRATION_CLASSES = (WikiCalibration, HubCalibration)
-
-
 def load_calibration(cfg: Any, tokenizer: Any, bos_id: int | None = None) -> Calibration:
     """Calibration windows from a config class, or from a `conf/calibration/*.yaml` node (built through its
     `_target_`); `bos_id`: windows start with it (`gradmap.windows`)."""
-    if not isinstance(cfg, CALIBRATION_CLASSES):
+    if not hasattr(cfg, "load"):  # a config node, not a built config class
         from hydra.utils import instantiate
 
         cfg = instantiate(cfg, _convert_="all")

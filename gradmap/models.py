@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from gradmap.assets.registry import MODEL_ASSETS
 from gradmap.errors import ConfigError, brief
-from gradmap.schema import DTYPE_ALIASES, LAYER_COUNT_ATTRS, MAX_POSITION_ATTRS, MODEL_ASSETS, option
+from gradmap.schema import DTYPE_ALIASES, LAYER_COUNT_ATTRS, MAX_POSITION_ATTRS, option
 from gradmap.windows import WINDOW_BOS_ALLOWED
 
 if TYPE_CHECKING:
@@ -248,12 +249,9 @@ class TinyRandomModel:
         return model, ByteTokenizer(model.config.vocab_size)
 
 
-MODEL_CLASSES = (OfflineModel, HubModel, TinyRandomModel)
-
-
 def load_model(cfg: Any) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a config class, or from a `conf/model/*.yaml` node (built through its `_target_`)."""
-    if not isinstance(cfg, MODEL_CLASSES):
+    if not hasattr(cfg, "load"):  # a config node, not a built config class
         from hydra.utils import instantiate
 
         cfg = instantiate(cfg, _convert_="all")

@@ -2,7 +2,7 @@
 
 The layer output is h = r + y with y = g * z / rms(z): z the MLP's output projection, g the RMSNorm's per-channel
 gain (Gemma: g = 1 + weight). A map folded into `down_proj` changes z, but the norm keeps only z's direction, so
-GradMAP's closed-form fit (gradmap/projection.py) is not exact there. What can be folded, still with no extra
+GradMAP's closed-form fit (methods/gradmap/projection.py) is not exact there. What can be folded, still with no extra
 parameters (a standard Hugging Face checkpoint), is chosen by `post_norm`:
 
 * `norm_scale` (exact): a per-channel scale s folded into the norm's gain, g <- s * g, fitted by least squares

@@ -146,17 +146,23 @@ def _retarget(config: dict[str, Any], group: str, dispatch_key: str, targets: di
 # every model it finished a job on: `post_norm` changes nothing on a model without a norm after the MLP, and the
 # earlier code refused every model with one, so a finished record gets today's default (tests/test_windows.py
 # checks these against the classes' defaults).
-ADDED_COMPENSATION_KEYS = {"gradmap.projection.ProjectionCompensation": {"post_norm": "direction_approx"},
-                           "baselines.replaceme.ReplaceMe": {"post_norm": "refuse"}}
+ADDED_COMPENSATION_KEYS = {"methods.gradmap.projection.ProjectionCompensation": {"post_norm": "direction_approx"},
+                           "methods.baselines.replaceme.ReplaceMe": {"post_norm": "refuse"}}
 
 
 def _fill_added_keys(raw: dict[str, Any]) -> None:
     """A record from before `model.window_bos` (or a compensation key of ADDED_COMPENSATION_KEYS) gets the value that
-    means what its code did (no BOS windows: `gradmap.windows.legacy_window_bos`), so a finished job compares equal
-    to the same job today and is not rerun."""
+    means what its code did (no BOS windows: `gradmap.windows.legacy_window_bos`), and a class that moved since
+    (`gradmap.targets.MOVED_TARGETS`) its path today, so a finished job compares equal to the same job today and is
+    not rerun."""
+    from gradmap.targets import MOVED_TARGETS
     from gradmap.windows import legacy_window_bos
 
     config = raw.get("config") or {}
+    for group in ("metric", "compensation"):  # classes that moved since (issue #19): today's paths
+        node = config.get(group)
+        if isinstance(node, dict) and node.get("_target_") in MOVED_TARGETS:
+            node["_target_"] = MOVED_TARGETS[node["_target_"]]
     model = config.get("model")
     if isinstance(model, dict) and "_target_" in model and "window_bos" not in model:
         model["window_bos"] = legacy_window_bos(raw.get("model_class"), model)

@@ -3,7 +3,8 @@
 A config class (the `_target_` of a `conf/model`, `conf/calibration`, `conf/eval` or `conf/logger` YAML) is a
 dataclass whose fields are declared with `option(...)`: the field's type annotation and metadata (ranges, choices)
 are what `gradmap.validation` checks before anything is loaded, and a field has no default, so the YAML is the only
-place its value comes from. Standard library only, so validation stays fast and never imports torch.
+place its value comes from. Standard library only, so validation stays fast and never imports torch; which offline
+assets are models and corpora comes from the asset registry (`gradmap.assets.registry`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Union
 
+from gradmap.assets.registry import HELDOUT_ASSETS
 from gradmap.errors import ConfigError
 
 # --------------------------------------------------------------------------------------- allowed values
@@ -26,17 +28,16 @@ from gradmap.errors import ConfigError
 DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                  "float16": "float16", "fp16": "float16"}
 HUB_DATASETS = ("wikitext2", "c4")
-# Held-out corpora and the splits each may be evaluated on. wiki / news: offline assets of that name (files
-# <split>.jsonl); wikitext2: the hub dataset; jsonl: any file given as `path` (tests, your own text).
-HELDOUT_CORPORA = {"wiki": ("validation", "test"), "news": ("test",), "wikitext2": ("validation", "test"),
-                   "jsonl": ("validation", "test")}
-OFFLINE_CORPORA = ("wiki", "news")  # corpora read from an offline asset of the same name unless `path` is given
+# Held-out corpora and the splits each may be evaluated on: the offline assets that hold held-out text (the asset
+# registry, `gradmap.assets.registry.HELDOUT_ASSETS`: files <split>.jsonl, read from the asset of that name unless
+# `path` is given), wikitext2 (the hub dataset) and jsonl (any file given as `path`: tests, your own text).
+OFFLINE_CORPORA = tuple(HELDOUT_ASSETS)
+HELDOUT_CORPORA = {**HELDOUT_ASSETS, "wikitext2": ("validation", "test"), "jsonl": ("validation", "test")}
 TEST_SPLIT = "test"
 WANDB_MODES = ("online", "offline", "disabled")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEVICES_ALLOWED = "auto, cpu, cuda, cuda:N, mps"
 TASKS_DIR = Path(__file__).parent / "tasks"  # lm-eval task templates shipped with gradmap
-MODEL_ASSETS = ("smollm2_135m", "gemma3_270m")  # offline assets that are models (conf/model/*.yaml `asset`)
 # Config attributes that hold the layer count and the maximum positions, by architecture family.
 LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layer", "num_layers")
 MAX_POSITION_ATTRS = ("max_position_embeddings", "n_positions", "n_ctx")

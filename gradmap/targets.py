@@ -33,6 +33,22 @@ def shipped_targets(group: str) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
+# Classes that moved (issue #19: GradMAP and the baselines into `methods/`), old path -> new path. Records written
+# before the move are read with the new paths (`gradmap.record`), so finished jobs still count as done; cache keys
+# hash the old paths (`gradmap.cache`), so selections computed before the move are still found.
+MOVED_TARGETS = {
+    "gradmap.gradmap_metric.GradMAPMetric": "methods.gradmap.metric.GradMAPMetric",
+    "gradmap.gradmap_verify.GradMAPVerify": "methods.gradmap.verify.GradMAPVerify",
+    "gradmap.projection.ProjectionCompensation": "methods.gradmap.projection.ProjectionCompensation",
+    **{f"baselines.{module}.{cls}": f"methods.baselines.{module}.{cls}" for module, cls in (
+        ("angular", "AngularSpan"), ("bi", "BlockInfluence"), ("ppl", "PerplexityDrop"),
+        ("prune_and_comp", "PruneAndComp"), ("random_metric", "RandomMetric"), ("replaceme", "ReplaceMe"),
+        ("sleb", "SLEB"), ("streamline", "StreamlineSpan"), ("streamline_comp", "StreamlineTraining"),
+        ("taylor", "BlockTaylor"))},
+}
+KEY_TARGETS = {new: old for old, new in MOVED_TARGETS.items()}
+
+
 def _normal(target: str) -> str:
     return target.strip().replace(":", ".")
 

@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gradmap.assets import check_asset
-from gradmap.data import CALIBRATION_CLASSES, TEST_SPLIT, WikiCalibration, check_heldout_spec
+from gradmap.data import TEST_SPLIT, WikiCalibration, check_heldout_spec
 from gradmap.errors import ConfigError, brief, one_line
 from gradmap.evaluation import Evaluation
 from gradmap.lm_tasks import lm_eval_task_known, shipped_templates, task_name, template_path
-from gradmap.loggers import NullLogger, WandbLogger
-from gradmap.models import MODEL_CLASSES, ModelInfo, TinyRandomModel
+from gradmap.models import ModelInfo, TinyRandomModel
 from gradmap.path_checks import check_cache_dir, check_cache_writable, check_file, check_save_dir
 from gradmap.schema import (
     DEVICE_PATTERN,
@@ -59,9 +58,6 @@ __all__ = ["GROUPS", "Checked", "ConfigError", "ModelInfo", "brief", "check_asse
            "resolve", "validate"]
 
 GROUPS = ("model", "metric", "compensation", "calibration", "eval", "logger")
-# The config classes each plain group may build (its YAMLs' `_target_`s).
-GROUP_CLASSES: dict[str, tuple[type, ...]] = {"model": MODEL_CLASSES, "calibration": CALIBRATION_CLASSES,
-                                              "eval": (Evaluation,), "logger": (NullLogger, WandbLogger)}
 
 
 @dataclass
@@ -143,12 +139,12 @@ def _class_of(group: str, node: Mapping[str, Any]) -> Any:
 
 def build_group(group: str, node: Mapping[str, Any]) -> Any:
     """The config object of a model, calibration, eval or logger node: its `_target_` must be one of the group's
-    config classes, and the node's keys and values must match the class's fields."""
+    config classes (the `_target_`s of its YAMLs, `gradmap.targets`: the Hydra group is the registry), a dataclass
+    whose fields the node's keys and values must match."""
     cls = _class_of(group, node)
-    allowed = GROUP_CLASSES[group]
-    if cls not in allowed:
-        raise ConfigError(f"{group}._target_", node.get("_target_"), [f"{c.__module__}.{c.__name__}" for c in allowed],
-                          problem=f"not a {group} class")
+    if not dataclasses.is_dataclass(cls):
+        raise ConfigError(f"{group}._target_", node.get("_target_"), list(allowed_targets(group)),
+                          problem=f"not a {group} config class (a dataclass of option() fields)")
     return cls(**check_node(group, node, cls))
 
 

@@ -13,18 +13,18 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from baselines.angular import AngularSpan
-from baselines.bi import BlockInfluence
-from baselines.ppl import PerplexityDrop
-from baselines.random_metric import RandomMetric
-from baselines.sleb import SLEB
-from baselines.streamline import StreamlineSpan
-from baselines.taylor import BlockTaylor
 from gradmap import surgery
 from gradmap.capture import collect_layer_io
 from gradmap.data import Calibration
 from gradmap.models import tiny_random_llama
 from gradmap.stages import Cost, count_forward_tokens
+from methods.baselines.angular import AngularSpan
+from methods.baselines.bi import BlockInfluence
+from methods.baselines.ppl import PerplexityDrop
+from methods.baselines.random_metric import RandomMetric
+from methods.baselines.sleb import SLEB
+from methods.baselines.streamline import StreamlineSpan
+from methods.baselines.taylor import BlockTaylor
 from tests.model_state import assert_unchanged, snapshot
 
 METRIC_DIR = Path(__file__).resolve().parents[1] / "conf" / "metric"
@@ -355,7 +355,7 @@ def test_sleb_never_removes_the_first_or_last_block(monkeypatch):
         present = {id(layer) for layer in surgery.get_decoder_layers(m)}
         return sum(cheap.get(i, 10.0 + i) for i, layer in enumerate(originals) if id(layer) not in present)
 
-    monkeypatch.setattr("baselines.ppl.calibration_perplexity", fake_ppl)
+    monkeypatch.setattr("methods.baselines.ppl.calibration_perplexity", fake_ppl)
     sel = SLEB().select(model, make_calib(), 3, Cost())
     assert sel.removed == [1, 2, 3]
     for d in sel.decisions:  # blocks 0 and 5 are not even scored (official: the search range skips them)

@@ -13,15 +13,15 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from baselines.prune_and_comp import PruneAndComp
-from baselines.replaceme import ReplaceMe
-from baselines.streamline_comp import StreamlineTraining
 from gradmap import surgery
 from gradmap.capture import collect_layer_io
 from gradmap.compensation import IncompatibleCompensationError
 from gradmap.data import Calibration
 from gradmap.models import tiny_random_llama
 from gradmap.stages import Cost
+from methods.baselines.prune_and_comp import PruneAndComp
+from methods.baselines.replaceme import ReplaceMe
+from methods.baselines.streamline_comp import StreamlineTraining
 
 COMP_DIR = Path(__file__).resolve().parents[1] / "conf" / "compensation"
 COMP_YAMLS = sorted(COMP_DIR.glob("**/*.yaml"))
@@ -130,7 +130,7 @@ def test_replaceme_has_no_guard_by_default(monkeypatch, guard):
     assert ReplaceMe().guard == "none"
     model = tiny_random_llama(num_layers=6)
     removed = surgery.remove_layers(model, REMOVE)
-    monkeypatch.setattr("gradmap.projection.fit_projection",
+    monkeypatch.setattr("methods.gradmap.projection.fit_projection",
                         lambda yty, ytt, alpha: 8.0 * torch.eye(yty.shape[0], dtype=torch.float64))
     comp = ReplaceMe() if guard == "none" else ReplaceMe(guard=guard)
     report = comp.apply(model, removed, make_calib(), Cost())

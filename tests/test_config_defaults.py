@@ -83,7 +83,8 @@ def test_classes_shared_by_two_yamls_leave_their_difference_without_a_default():
         node = resolved(group, option)
         by_class.setdefault(node["_target_"], []).append(node)
     shared = {target: nodes for target, nodes in by_class.items() if len(nodes) > 1}
-    assert "baselines.taylor.BlockTaylor" in shared and "baselines.streamline_comp.StreamlineTraining" in shared
+    assert "methods.baselines.taylor.BlockTaylor" in shared
+    assert "methods.baselines.streamline_comp.StreamlineTraining" in shared
     for target, nodes in shared.items():
         params = parameters(get_object(target))
         differ = {k for k in params if len({repr(n.get(k)) for n in nodes}) > 1}

@@ -281,8 +281,8 @@ def test_bf16_on_cpu_score_prune_project_evaluate_save(tmp_path):
 def test_projection_fit_is_float64_for_a_bf16_model():
     from gradmap.data import Calibration
     from gradmap.models import tiny_random_llama
-    from gradmap.projection import ProjectionCompensation
     from gradmap.stages import Cost
+    from methods.gradmap.projection import ProjectionCompensation
 
     model = tiny_random_llama(num_layers=6).to(torch.bfloat16)
     removed = surgery.remove_layers(model, [2])
@@ -310,10 +310,10 @@ class _Tty(io.StringIO):
 
 
 def test_progress_bars_on_a_terminal_and_silent_in_logs(monkeypatch):
-    from baselines.sleb import SLEB
     from gradmap.data import Calibration
     from gradmap.models import tiny_random_llama
     from gradmap.stages import Cost
+    from methods.baselines.sleb import SLEB
 
     model = tiny_random_llama(num_layers=5)
     calib = Calibration(torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0)), 2)

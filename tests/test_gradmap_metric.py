@@ -12,9 +12,9 @@ from torch import nn
 
 from gradmap import surgery
 from gradmap.data import Calibration
-from gradmap.gradmap_metric import GradMAPMetric
 from gradmap.models import tiny_random_llama
 from gradmap.stages import Cost, count_forward_tokens
+from methods.gradmap.metric import GradMAPMetric
 from tests.model_state import assert_unchanged, snapshot
 
 VOCAB = 256

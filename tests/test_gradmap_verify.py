@@ -16,15 +16,15 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from baselines.sleb import SLEB
 from gradmap import surgery
 from gradmap.cache import SelectionCache
 from gradmap.data import Calibration
-from gradmap.gradmap_metric import GradMAPMetric
-from gradmap.gradmap_verify import GradMAPVerify
 from gradmap.models import tiny_random_llama
 from gradmap.selection import Selection, SelectionKind
 from gradmap.stages import Cost, count_forward_tokens
+from methods.baselines.sleb import SLEB
+from methods.gradmap.metric import GradMAPMetric
+from methods.gradmap.verify import GradMAPVerify
 from tests.model_state import assert_unchanged, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def test_model_unchanged_after_select(checkpointing):
 
 def test_yaml_values_equal_constructor_defaults():
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "metric" / "gradmap_verify.yaml"))
-    assert cfg.pop("_target_") == "gradmap.gradmap_verify.GradMAPVerify"
+    assert cfg.pop("_target_") == "methods.gradmap.verify.GradMAPVerify"
     defaults = {name: p.default for name, p in inspect.signature(GradMAPVerify.__init__).parameters.items()
                 if name != "self"}
     assert cfg == defaults

@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from baselines.taylor import BlockTaylor
 from gradmap.data import Calibration
-from gradmap.gradmap_metric import GradMAPMetric
-from gradmap.gradmap_verify import GradMAPVerify
 from gradmap.lm_loss import backward_lm_loss, chunkable, chunked_loss
 from gradmap.models import tiny_random_llama
 from gradmap.stages import Cost, count_forward_tokens
+from methods.baselines.taylor import BlockTaylor
+from methods.gradmap.metric import GradMAPMetric
+from methods.gradmap.verify import GradMAPVerify
 from tests.model_state import assert_unchanged, snapshot
 
 VOCAB = 256

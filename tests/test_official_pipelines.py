@@ -14,12 +14,12 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from baselines.ppl import PerplexityDrop
-from baselines.sleb import SLEB
 from gradmap.cache import CACHE_VERSION, model_key, selection_key, stable_hash, without_memory_knobs
 from gradmap.data import Calibration
 from gradmap.models import tiny_random_llama
 from gradmap.stages import Cost, count_forward_tokens
+from methods.baselines.ppl import PerplexityDrop
+from methods.baselines.sleb import SLEB
 
 ROOT = Path(__file__).resolve().parents[1]
 

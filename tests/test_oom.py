@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import gradmap.evaluation
-from gradmap.gradmap_metric import GradMAPMetric
 from gradmap.jobs import run, run_job
 from gradmap.oom import KNOBS, OutOfMemory, is_oom, retry_halving
-from gradmap.projection import ProjectionCompensation
+from methods.gradmap.metric import GradMAPMetric
+from methods.gradmap.projection import ProjectionCompensation
 from tests.test_runner import CHOICES, make_cfg
 
 

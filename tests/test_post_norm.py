@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines.prune_and_comp import PruneAndComp, is_sandwich, scale_prefix
-from baselines.replaceme import ReplaceMe
 from gradmap import surgery
 from gradmap.capture import layer_outputs
 from gradmap.compensation import IncompatibleCompensationError
 from gradmap.data import Calibration
 from gradmap.models import tiny_random_llama
 from gradmap.post_norm import direction_error, fit_channel_scale, fit_direction, gain_offset, post_mlp_norm, scale_error
-from gradmap.projection import ProjectionCompensation
 from gradmap.stages import Cost
+from methods.baselines.prune_and_comp import PruneAndComp, is_sandwich, scale_prefix
+from methods.baselines.replaceme import ReplaceMe
+from methods.gradmap.projection import ProjectionCompensation
 from tests.tiny_models import tiny_gemma3
 
 MODES = ("norm_scale", "direction_approx", "direction_approx_norm_scale")

@@ -24,8 +24,14 @@ from gradmap import surgery
 from gradmap.compensation import IncompatibleCompensationError
 from gradmap.data import Calibration
 from gradmap.models import tiny_random_llama
-from gradmap.projection import ProjectionCompensation, choose_sites, fit_projection, fold_projection, shift_value
 from gradmap.stages import Cost
+from methods.gradmap.projection import (
+    ProjectionCompensation,
+    choose_sites,
+    fit_projection,
+    fold_projection,
+    shift_value,
+)
 
 VOCAB = 128
 
@@ -242,7 +248,7 @@ def test_guard_undoes_a_fold_that_raises_the_final_error(monkeypatch, guard):
     calib = make_calib()
     removed = surgery.remove_layers(model, [1, 4])
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr("gradmap.projection.fit_projection",
+    monkeypatch.setattr("methods.gradmap.projection.fit_projection",
                         lambda yty, ytt, alpha: 8.0 * torch.eye(yty.shape[0], dtype=torch.float64))
     report = ProjectionCompensation(sites="before_gap", guard=guard).apply(model, removed, calib, Cost())
     assert [s["kept_position"] for s in report["sites"]] == [0, 2]

@@ -13,15 +13,6 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from baselines.angular import AngularSpan
-from baselines.bi import BlockInfluence
-from baselines.prune_and_comp import (
-    RESIDUAL_WRITERS,
-    PruneAndComp,
-    channel_magnitude_ratio,
-    magnitude_ratio,
-    scale_prefix,
-)
 from gradmap import surgery
 from gradmap.capture import collect_layer_io
 from gradmap.data import Calibration
@@ -29,6 +20,15 @@ from gradmap.metric import LayerMetric
 from gradmap.models import tiny_random_llama
 from gradmap.selection import Selection
 from gradmap.stages import Cost
+from methods.baselines.angular import AngularSpan
+from methods.baselines.bi import BlockInfluence
+from methods.baselines.prune_and_comp import (
+    RESIDUAL_WRITERS,
+    PruneAndComp,
+    channel_magnitude_ratio,
+    magnitude_ratio,
+    scale_prefix,
+)
 
 YAML = Path(__file__).resolve().parents[1] / "conf" / "compensation" / "prune_and_comp.yaml"
 

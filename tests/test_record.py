@@ -110,3 +110,24 @@ def test_a_job_never_overwrites_a_newer_record(tmp_path):
     with pytest.raises(ValueError, match="hydra.run.dir=.*schema_version 2 is newer"):
         run(make_cfg(tmp_path, "num_prune=1"), out, CHOICES)
     assert json.loads((out / "record.json").read_text())["schema_version"] == SCHEMA_VERSION + 1
+
+
+@pytest.mark.parametrize("overrides", [["metric=gradmap", "compensation=projection"],
+                                       ["metric=sleb", "compensation=replaceme"],
+                                       ["metric=bi", "compensation=prune_and_comp"]])
+def test_classes_that_moved_keep_their_jobs_and_cache_keys(overrides):
+    """Issue #19 moved GradMAP and the baselines into methods/: a record written with the old class paths is still
+    the same job, and the selection/interleaved keys hash the old paths, so caches built before are still found."""
+    from gradmap.cache import interleaved_key, selection_key
+    from gradmap.targets import MOVED_TARGETS, shipped_targets
+
+    assert set(MOVED_TARGETS.values()) <= set(shipped_targets("metric")) | set(shipped_targets("compensation"))
+    today = compose_today(overrides)
+    old_paths = {new: old for old, new in MOVED_TARGETS.items()}
+    before = json.loads(json.dumps(today))
+    for group in ("metric", "compensation"):
+        before[group]["_target_"] = old_paths[today[group]["_target_"]]
+    assert before != today
+    assert same_job(RunRecord.from_dict({"schema_version": SCHEMA_VERSION, "config": before}).config, today)
+    for key in (selection_key, interleaved_key):
+        assert key(today, False) == key(before, False)

@@ -15,17 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import baselines.ppl
-from baselines.sleb import SLEB
+import methods.baselines.ppl
 from gradmap import surgery
 from gradmap.data import Calibration
 from gradmap.errors import ConfigError
-from gradmap.gradmap_metric import GradMAPMetric
-from gradmap.gradmap_verify import GradMAPVerify
 from gradmap.models import tiny_random_llama
 from gradmap.selection import Selection
 from gradmap.stages import Cost, count_forward_tokens
-from gradmap.verify_budget import first_windows, halving_windows, loss_positions, loss_sum, window_order
+from methods.baselines.sleb import SLEB
+from methods.gradmap.metric import GradMAPMetric
+from methods.gradmap.verify import GradMAPVerify
+from methods.gradmap.verify_budget import first_windows, halving_windows, loss_positions, loss_sum, window_order
 from tests.model_state import assert_unchanged, snapshot
 
 LAYERS, PRUNE, WINDOWS, SEQ = 8, 3, 8, 16
@@ -99,7 +99,7 @@ def test_unlimited_budget_is_exact_verification():
             ppl = {}
             for c in order:
                 with surgery.layers_removed(model, [kept.index(c)]):
-                    ppl[c] = baselines.ppl.calibration_perplexity(model, calib)
+                    ppl[c] = methods.baselines.ppl.calibration_perplexity(model, calib)
         assert d.verified == order and d.verify_tokens == [] and d.screened_at is None
         assert {c: d.scores[c] for c in order} == ppl  # bit for bit
         assert d.removed == [min(order, key=lambda c: (ppl[c], c))]
@@ -228,7 +228,7 @@ def test_position_loss_against_full_logits(signal):
     assert total == pytest.approx(sum(window_ce(model, calib.input_ids, pos)), rel=1e-5)
     # The exact (full) signal is SLEB's perplexity bit for bit.
     total, count = loss_sum(model, calib.input_ids, calib.batch_size)
-    assert math.exp(total / count) == baselines.ppl.calibration_perplexity(model, calib)
+    assert math.exp(total / count) == methods.baselines.ppl.calibration_perplexity(model, calib)
 
 
 def test_last_positions_verification_scores():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from baselines._common import SpanMetric, check_choice
 from gradmap.selection import SelectionKind
+from methods.baselines._common import SpanMetric, check_choice
 
 # official: cos(h_b, h_{b+n+1}), the kept layer b before the span included (get_cosine.py in
 # RUCKBReasoning/LLM-Streamline); span_only: cos(input of the span, its output), this repo's earlier reading.

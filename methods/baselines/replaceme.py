@@ -10,8 +10,8 @@ from torch import nn
 from gradmap import surgery
 from gradmap.data import Calibration
 from gradmap.errors import ConfigError
-from gradmap.projection import ProjectionCompensation
 from gradmap.stages import Cost
+from methods.gradmap.projection import ProjectionCompensation
 
 
 class ReplaceMe(ProjectionCompensation):

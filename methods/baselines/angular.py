@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from baselines._common import SpanMetric, angular
 from gradmap.selection import SelectionKind
+from methods.baselines._common import SpanMetric, angular
 
 
 class AngularSpan(SpanMetric):

@@ -45,7 +45,7 @@ class PerplexityDrop(LayerMetric):
 
     Args:
         iterative: False by default: Shortened LLaMA scores once and removes the n lowest (SLEB is the iterative
-            variant, `baselines.sleb.SLEB`).
+            variant, `methods.baselines.sleb.SLEB`).
         protect_first / protect_last: layers never pruned; no default, the YAMLs differ in them: `ppl` 0 / 0 (the
             criterion alone), `ppl_plus` 4 / 2 (the official pipeline).
             Protected layers are still scored, as in the official pipeline (`src/anal_block_sensitivity_ppl.py` in

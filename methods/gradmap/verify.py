@@ -13,8 +13,9 @@ One decision (iterative: one per removed layer; the smaller model is rescreened 
      loss_chunk_tokens): one
      forward+backward over the calibration tokens;
   2. verify: the k lowest-scoring *prunable* layers (ties: the lower index) are each removed in turn
-     (`surgery.layers_removed`) and the calibration perplexity measured (`baselines.ppl.calibration_perplexity`, on
-     the same calibration tokens, exactly as SLEB scores a block): k forward passes over the calibration set;
+     (`surgery.layers_removed`) and the calibration perplexity measured
+     (`methods.baselines.ppl.calibration_perplexity`, on the same calibration tokens, exactly as SLEB scores a
+     block): k forward passes over the calibration set;
   3. remove the candidate with the lowest calibration perplexity (ties: the lower index, as SLEB).
 
 Limits: k=1 is GradMAP (the verification pass is skipped: one candidate needs no check); when k >= the number of
@@ -25,7 +26,7 @@ against SLEB's (prunable present) * N forward tokens (SLEB, as its official code
 remove).
 
 Budget options (issue #18; every default reproduces the above exactly; costs in the README's gradmap_verify section):
-  verify_fraction f < 1: successive halving (`gradmap.verify_budget`): the candidates are measured on the first
+  verify_fraction f < 1: successive halving (`methods.gradmap.verify_budget`): the candidates are measured on the first
       ceil(f x W) of the W calibration windows (a fixed order drawn from `verify_seed`), the better half (ceil) kept,
       the windows doubled (nested: a survivor is measured only on the windows it has not seen), until one is left;
       it is removed. Verification cost: seq_len x sum over candidates of the windows each reached (k=4, f=1/8:
@@ -65,10 +66,10 @@ from gradmap import surgery
 from gradmap.data import Calibration
 from gradmap.errors import ConfigError
 from gradmap.grad_state import eval_mode
-from gradmap.gradmap_metric import GradMAPMetric
 from gradmap.selection import Decision, DecisionCallback, DecisionTimer, Selection, SelectionKind
 from gradmap.stages import Cost
-from gradmap.verify_budget import SIGNALS, first_windows, loss_positions, loss_sum, window_order
+from methods.gradmap.metric import GradMAPMetric
+from methods.gradmap.verify_budget import SIGNALS, first_windows, loss_positions, loss_sum, window_order
 
 
 class GradMAPVerify(GradMAPMetric):
@@ -128,7 +129,7 @@ class GradMAPVerify(GradMAPMetric):
     def _verify(self, model: nn.Module, calib: Calibration, kept: list[int],
                 candidates: list[int]) -> tuple[list[float], list[int], int]:
         """Successive halving of the candidates (original indices) by the calibration perplexity of the current model
-        without each (`gradmap.verify_budget`): (perplexity of each on the windows it reached, tokens each was
+        without each (`methods.gradmap.verify_budget`): (perplexity of each on the windows it reached, tokens each was
         measured on, the winner). verify_fraction=1 measures every candidate on every window in calibration order,
         which is SLEB's score bit for bit; the winner is then the lowest perplexity (ties: the lower index)."""
         ids = calib.input_ids

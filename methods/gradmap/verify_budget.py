@@ -1,5 +1,5 @@
 """Budgeted exact verification for `gradmap_verify` (issue #18): successive halving over calibration windows, and
-the loss on a fixed set of positions. Pure functions; `gradmap.gradmap_verify.GradMAPVerify` wires them in.
+the loss on a fixed set of positions. Pure functions; `methods.gradmap.verify.GradMAPVerify` wires them in.
 
 Successive halving (Jamieson & Talwalkar, "Non-stochastic Best Arm Identification and Hyperparameter Optimization",
 AISTATS 2016, arXiv 1502.07943): measure every candidate on the first w0 windows of a seeded, fixed order of the
@@ -69,9 +69,9 @@ def loss_sum(model: nn.Module, ids: torch.Tensor, batch_size: int,
              positions: torch.Tensor | None = None) -> tuple[float, int]:
     """(sum of next-token cross-entropy, predictions) over the rows `ids`, in micro-batches of `batch_size`.
 
-    positions=None: every prediction, summed exactly as `baselines.ppl.calibration_perplexity` sums it (HF's mean
-    loss per micro-batch x its count, in a Python float), so all windows in their order give its perplexity bit for
-    bit. Otherwise only the predictions made at `positions` (logits computed there alone: `logits_to_keep`).
+    positions=None: every prediction, summed exactly as `methods.baselines.ppl.calibration_perplexity` sums it (HF's
+    mean loss per micro-batch x its count, in a Python float), so all windows in their order give its perplexity
+    bit for bit. Otherwise only the predictions made at `positions` (logits computed there alone: `logits_to_keep`).
     """
     device = model_device(model)
     total, count = 0.0, 0

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from baselines._common import LAST_STATES, TOKENS, angular, check_choice, resolve_accum_dtype, state_distances
 from gradmap import surgery
 from gradmap.data import Calibration
 from gradmap.metric import LayerMetric
 from gradmap.stages import Cost
+from methods.baselines._common import LAST_STATES, TOKENS, angular, check_choice, resolve_accum_dtype, state_distances
 
 DISTANCES = ("cosine", "angular")
 

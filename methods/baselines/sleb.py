@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from baselines.ppl import PerplexityDrop, removal_perplexities
 from gradmap.data import Calibration
 from gradmap.stages import Cost
+from methods.baselines.ppl import PerplexityDrop, removal_perplexities
 
 
 class SLEB(PerplexityDrop):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from baselines._common import check_choice, resolve_accum_dtype
 from gradmap import surgery
 from gradmap.data import Calibration
 from gradmap.grad_state import eval_mode, grad_state_preserved, gradient_checkpointing, only_layer_weights_trainable
@@ -13,6 +12,7 @@ from gradmap.lm_loss import backward_lm_loss
 from gradmap.metric import LayerMetric
 from gradmap.models import model_device
 from gradmap.stages import Cost
+from methods.baselines._common import check_choice, resolve_accum_dtype
 
 # weights: parameters whose name contains "weight" (official anal_block_sensitivity_taylor.py in
 # Nota-NetsPresso/shortened-llm; biases are left out); all: every float parameter of the block, biases included.
