@@ -18,6 +18,7 @@ from gradmap.cache import CACHE_VERSION, model_key, selection_key, stable_hash, 
 from gradmap.data import Calibration
 from gradmap.models import tiny_random_llama
 from gradmap.stages import Cost, count_forward_tokens
+from gradmap.targets import KEY_TARGETS
 from methods.baselines.ppl import PerplexityDrop
 from methods.baselines.sleb import SLEB
 
@@ -112,9 +113,11 @@ def test_sleb_cached_selections_from_before_the_fix_are_not_reused(tmp_path):
 
     for metric, revision in (("sleb", 1), ("gradmap", 0), ("ppl", 0)):
         cfg = make_cfg(tmp_path, f"metric={metric}")
-        # the key as it was computed before: no window_bos key, no memory-only metric keys (issues 20, 17)
-        parts = {"model": model_key(cfg, False),
-                 "metric": without_memory_knobs(OmegaConf.to_container(cfg.metric, resolve=True)),
+        # the key as it was computed before: no window_bos key, no memory-only metric keys (issues 20, 17), the
+        # class path from before the methods moved (issue 19)
+        metric_node = without_memory_knobs(OmegaConf.to_container(cfg.metric, resolve=True))
+        metric_node["_target_"] = KEY_TARGETS[metric_node["_target_"]]
+        parts = {"model": model_key(cfg, False), "metric": metric_node,
                  "calibration": OmegaConf.to_container(cfg.calibration, resolve=True),
                  "seed": cfg.seed, "dtype": cfg.get("dtype"), "v": CACHE_VERSION}
         old_key = stable_hash(parts)
