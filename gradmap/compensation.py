@@ -6,18 +6,22 @@
 before/after, ...) that goes into the run record.
 
 A compensation is one file in `methods/` with a subclass and one YAML in `conf/compensation/`. One whose selection
-depends on its own repairs (Prune&Comp: prune, compensate, rescore) subclasses `InterleavedCompensation`.
+depends on its own repairs (Prune&Comp: prune, compensate, rescore) subclasses `InterleavedCompensation`. The
+subclass is a dataclass (`@dataclass(eq=False)`) whose options are `gradmap.schema.option(...)` fields without
+defaults (the YAML holds them), checked when built (`check_fields` in `Compensation.__post_init__`), as metrics are.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from gradmap.errors import ConfigError
+from gradmap.schema import check_fields
 
 if TYPE_CHECKING:
     from gradmap.metric import LayerMetric
@@ -34,11 +38,15 @@ class IncompatibleCompensationError(ConfigError):
         super().__init__(key, problem=problem)
 
 
+@dataclass(eq=False)
 class Compensation(ABC):
     name = "compensation"
     # The result does not depend on `calibration.batch_size`, so out of memory may be retried with smaller
     # micro-batches (gradmap.oom); False for compensations that train (the micro-batch is their optimiser's batch).
     micro_batch_is_memory_knob = True
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # types, ranges and choices of every option (ConfigError with the option as key)
 
     def check_compatible(self, model: nn.Module, removed: list[int]) -> None:
         """Raise IncompatibleCompensationError if this pairing cannot work. Default: any pairing is fine."""
@@ -53,6 +61,7 @@ class Compensation(ABC):
         """Repair `model` in place; return a JSON-able report."""
 
 
+@dataclass(eq=False)
 class NoCompensation(Compensation):
     """Leave the pruned model as it is (the plain layer-removal baseline)."""
 
@@ -62,6 +71,7 @@ class NoCompensation(Compensation):
         return {"sites": []}
 
 
+@dataclass(eq=False)
 class InterleavedCompensation(Compensation):
     """A compensation whose selection and repairs interleave (Prune&Comp: remove the lowest-scoring layer, repair,
     rescore the repaired model, ...). While `interleaved` is true the runner calls `prune_iteratively` instead of

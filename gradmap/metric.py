@@ -6,13 +6,16 @@ A metric scores the decoder layers of the *current* model; higher means more imp
 metric chooses itself. Greedy rescoring hides removed layers with `surgery.layers_removed`, so a metric never changes
 the model: weights, hooks, `.grad` and `requires_grad` are exactly as found when `select` returns.
 
-A method is one file in `methods/` with a subclass and one YAML in `conf/metric/` whose `_target_` names it.
+A method is one file in `methods/` with a subclass and one YAML in `conf/metric/` whose `_target_` names it. The
+subclass is a dataclass (`@dataclass(eq=False)`: objects compare by identity) whose options are fields declared with
+`gradmap.schema.option(...)`, without defaults (the YAML holds them); `__post_init__` checks every field
+(`check_fields`), then a subclass's cross-field checks and derived state follow `super().__post_init__()`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -20,6 +23,7 @@ import torch
 from gradmap import surgery
 from gradmap.errors import ConfigError
 from gradmap.progress import progress
+from gradmap.schema import check_fields, option
 from gradmap.selection import Decision, DecisionCallback, DecisionTimer, Selection, SelectionKind
 
 if TYPE_CHECKING:
@@ -29,14 +33,20 @@ if TYPE_CHECKING:
     from gradmap.stages import Cost
 
 
+@dataclass(eq=False)
 class LayerMetric(ABC):
     """Base class. Subclasses implement `score`; metrics that choose otherwise than by the lowest scores (a span,
-    a screen-then-verify loop) override `select` and declare their `selection_kind`.
+    a screen-then-verify loop) override `select` and declare their `selection_kind`. A subclass that fixes
+    `iterative` redeclares it as `field(default=..., init=False)` (then no config key).
 
-    Args:
+    Options:
         iterative: rescore after each removal (one scoring pass per decision) instead of once.
         protect_first / protect_last: never prune the first / last k layers (e.g. Taylor+ keeps 4 and 2).
     """
+
+    iterative: bool = option()
+    protect_first: int = option(ge=0)
+    protect_last: int = option(ge=0)
 
     name = "metric"
     # The scores do not depend on `calibration.batch_size` (micro-batches), so an out-of-memory error may be retried
@@ -46,13 +56,8 @@ class LayerMetric(ABC):
     # cache key (`gradmap.cache.selection_key`), so entries computed before are not reused; 0 adds nothing to it.
     scoring_revision: ClassVar[int] = 0
 
-    def __init__(self, iterative: bool = False, protect_first: int = 0, protect_last: int = 0):
-        for key, value in (("protect_first", protect_first), ("protect_last", protect_last)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(key, value, "an integer >= 0")
-        self.iterative = iterative
-        self.protect_first = protect_first
-        self.protect_last = protect_last
+    def __post_init__(self) -> None:
+        check_fields(self)  # types, ranges and choices of every option (ConfigError with the option as key)
 
     @property
     def selection_kind(self) -> SelectionKind:

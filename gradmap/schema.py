@@ -1,15 +1,19 @@
-"""Config schemas: the allowed values of plain config keys, and the strict value checks.
+"""Config schemas: the allowed values of config keys, and the strict value checks.
 
-A config class (the `_target_` of a `conf/model`, `conf/calibration`, `conf/eval` or `conf/logger` YAML) is a
-dataclass whose fields are declared with `option(...)`: the field's type annotation and metadata (ranges, choices)
-are what `gradmap.validation` checks before anything is loaded, and a field has no default, so the YAML is the only
-place its value comes from. Standard library only, so validation stays fast and never imports torch; which offline
-assets are models and corpora comes from the asset registry (`gradmap.assets.registry`).
+A config class (the `_target_` of any `conf/<group>` YAML: model, calibration, eval, logger, metric, compensation) is
+a dataclass whose fields are declared with `option(...)`: the field's type annotation and metadata (ranges, choices)
+are what `gradmap.validation` checks before anything is loaded (`check_node`), and a field has no default, so the
+YAML is the only place its value comes from. A field a subclass fixes (`field(default=..., init=False)`) is no
+config key. Metric and compensation classes also check themselves when built (`check_fields` in their base class's
+`__post_init__`), so an object built in Python is checked as one built from a config. Standard library only, so
+validation stays fast and never imports torch; which offline assets are models and corpora comes from the asset
+registry (`gradmap.assets.registry`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -147,10 +151,10 @@ def check_node(prefix: str, node: Any, schema: type, extra_keys: bool = False) -
     with `_`, such as `_target_`, are Hydra's), missing keys (unless the field's metadata says `absent_ok`), and
     every value's type and range. Returns the node's fields (without Hydra's keys)."""
     if not isinstance(node, Mapping):
-        keys = ", ".join(f.name for f in dataclasses.fields(schema))
+        keys = ", ".join(f.name for f in dataclasses.fields(schema) if f.init)
         raise ConfigError(prefix, node, f"a mapping with the keys {keys}")
     hints = typing.get_type_hints(schema)
-    fields = {f.name: f for f in dataclasses.fields(schema)}
+    fields = {f.name: f for f in dataclasses.fields(schema) if f.init}  # init=False: fixed by the class, no key
     if not extra_keys:
         for key in node:
             if key not in fields and not str(key).startswith("_"):
@@ -170,6 +174,21 @@ def check_node(prefix: str, node: Any, schema: type, extra_keys: bool = False) -
             for k, v in value.items():
                 check_node(_join(key, k), v, f.metadata["values"])
     return {k: v for k, v in node.items() if not str(k).startswith("_")}
+
+
+def check_fields(obj: Any, prefix: str = "") -> None:
+    """Check the option fields (`init=True`) of a built config object as `check_node` checks a config node: each
+    value's type, range and choices (`check_value` with the field's metadata); ConfigError with the key
+    `prefix.field` (the bare field name without a prefix: validation adds the group)."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if f.init:
+            check_value(_join(prefix, f.name), getattr(obj, f.name), hints[f.name], f.metadata)
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _join(prefix: str, key: str) -> str:

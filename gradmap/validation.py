@@ -7,13 +7,12 @@ will read, the save and cache folders, and the lm-eval tasks. A bad value raises
 the one error type of a refused run: it carries the key, the value and what is allowed, and prints as one line
 (`run.py` exits 2).
 
-Every group is built through the `_target_` of its YAML, and validation dispatches on that class. The schema of a
-model, calibration, eval or logger option is its config class (`gradmap.models`, `gradmap.data`,
-`gradmap.evaluation`, `gradmap.loggers`): a dataclass whose fields (types, ranges, choices; no defaults, those live
-in `conf/` only) are checked with `gradmap.schema.check_node` before the class is built. The schema of a metric or
-compensation is its class too: the keys of its YAML must be the parameters of the class's `__init__`, with the
-annotated types, and the class's own constructor checks the ranges and choices (raising `ConfigError` with the
-parameter as key).
+Every group is built through the `_target_` of its YAML, and validation dispatches on that class. The schema of any
+option is its config class (`gradmap.models`, `gradmap.data`, `gradmap.evaluation`, `gradmap.loggers`, and the
+metric and compensation classes in `methods/` and `gradmap.compensation`): a dataclass whose fields (types, ranges,
+choices; no defaults, those live in `conf/` only) are checked with `gradmap.schema.check_node` before the class is
+built. A metric or compensation then checks what spans fields (e.g. a reduction valid for its target) when built,
+raising `ConfigError` with the option as key, which gets the group prefix here.
 
 Order: checks that need no heavy import run first (a refused run costs about half a second): keys, types, ranges,
 files, assets, save and cache folders, lm-eval task names (a text scan of lm-eval's task YAMLs; lm-eval's own index,
@@ -27,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +46,6 @@ from gradmap.schema import (
     TASKS_DIR,
     check_node,
     check_value,
-    is_optional,
     option,
 )
 from gradmap.targets import ALLOW_ENV, ENTRY_POINT_GROUP, allowed_targets, is_allowed
@@ -273,31 +270,16 @@ def _mps() -> bool:
 # ------------------------------------------------------------------------------ metric and compensation
 
 def check_component(group: str, node: Mapping[str, Any], build: bool = True) -> Any:
-    """Check a metric/compensation node against its class's `__init__` (keys, annotated types, every parameter
-    present: a deleted key would run with a value the record does not show) and, with `build`, build it; errors
-    its constructor raises come back as ConfigError with the group prefix."""
+    """Check a metric/compensation node against its class, a dataclass of `option()` fields, as every group is
+    checked (`check_node`: unknown and missing keys, a deleted key would run with a value the record does not show;
+    types, ranges, choices) and, with `build`, build it; errors its constructor raises (checks across fields) come
+    back as ConfigError with the group prefix."""
     cls = _class_of(group, node)
-    init = cls.__init__ if inspect.isclass(cls) else cls
-    params = {n: p for n, p in inspect.signature(init).parameters.items() if n != "self"}
-    open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    try:
-        hints = typing.get_type_hints(init)
-    except Exception:  # noqa: BLE001  (unresolvable annotations: check keys only)
-        hints = {}
-    named = [n for n, p in params.items() if p.kind not in (inspect.Parameter.VAR_KEYWORD,
-                                                            inspect.Parameter.VAR_POSITIONAL)]
-    for key, value in node.items():
-        if key.startswith("_"):
-            continue
-        if key not in params and not open_kwargs:
-            raise ConfigError(f"{group}.{key}", value, f"the options of {cls.__name__}: {', '.join(named)}",
-                              problem="unknown key")
-        if key in hints and (hints[key] in (bool, int, float, str) or is_optional(hints[key])):
-            check_value(f"{group}.{key}", value, hints[key])
-    missing = [n for n in named if n not in node]
-    if missing:
-        raise ConfigError(f"{group}.{missing[0]}", problem=f"missing (a parameter of {cls.__name__}; deleted with ~?)",
-                          allowed="a value")
+    if not (inspect.isclass(cls) and "__dataclass_fields__" in vars(cls)):  # itself a dataclass, not only a base
+        raise ConfigError(f"{group}._target_", node.get("_target_"), f"a {group} class that is a dataclass "
+                          "(@dataclass(eq=False)) declaring its options as fields (gradmap.schema.option)",
+                          problem=f"{getattr(cls, '__name__', cls)} does not declare its options as dataclass fields")
+    check_node(group, node, cls)
     if not build:
         return None
     from hydra.errors import InstantiationException

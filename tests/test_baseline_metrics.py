@@ -18,14 +18,8 @@ from gradmap.capture import collect_layer_io
 from gradmap.data import Calibration
 from gradmap.models import tiny_random_llama
 from gradmap.stages import Cost, count_forward_tokens
-from methods.baselines.angular import AngularSpan
-from methods.baselines.bi import BlockInfluence
-from methods.baselines.ppl import PerplexityDrop
-from methods.baselines.random_metric import RandomMetric
-from methods.baselines.sleb import SLEB
-from methods.baselines.streamline import StreamlineSpan
-from methods.baselines.taylor import BlockTaylor
 from tests.model_state import assert_unchanged, snapshot
+from tests.tiny_models import method
 
 METRIC_DIR = Path(__file__).resolve().parents[1] / "conf" / "metric"
 METRIC_YAMLS = sorted(METRIC_DIR.glob("**/*.yaml"))
@@ -162,19 +156,19 @@ def hand_model(*fns) -> nn.Module:
 def test_block_influence_known_layers():
     model = hand_model(scale(2.0), scale(-1.0), rot, scale(1.0))
     calib = make_calib()
-    cosine = BlockInfluence().score(model, calib, Cost())
+    cosine = method("metric/bi").score(model, calib, Cost())
     assert cosine.tolist() == pytest.approx([0.0, 2.0, 1.0, 0.0], abs=1e-6)  # 1 - cos: same dir, opposite, orthogonal
-    ang = BlockInfluence(distance="angular").score(model, calib, Cost())
+    ang = method("metric/bi", distance="angular").score(model, calib, Cost())
     assert ang.tolist() == pytest.approx([0.0, 1.0, 0.5, 0.0], abs=1e-6)  # arccos(cos)/pi
     # Removing the lowest BI: the two layers that do not change the direction.
-    assert sorted(BlockInfluence().select(model, calib, 2, Cost()).removed) == [0, 3]
+    assert sorted(method("metric/bi").select(model, calib, 2, Cost()).removed) == [0, 3]
 
 
 def test_block_influence_token_positions():
     model = hand_model(rot_last, scale(1.0))
     calib = make_calib()
-    assert BlockInfluence(tokens="all").score(model, calib, Cost())[0] == pytest.approx(1 / 16, abs=1e-6)
-    assert BlockInfluence(tokens="last").score(model, calib, Cost())[0] == pytest.approx(1.0, abs=1e-6)
+    assert method("metric/bi", tokens="all").score(model, calib, Cost())[0] == pytest.approx(1 / 16, abs=1e-6)
+    assert method("metric/bi", tokens="last").score(model, calib, Cost())[0] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_block_influence_last_state_is_final_normed_by_default():
@@ -182,7 +176,7 @@ def test_block_influence_last_state_is_final_normed_by_default():
     model = with_random_final_norm(tiny_random_llama(num_layers=4))
     calib = make_calib()
     hs = hf_hidden_states(model, calib)
-    bi = BlockInfluence().score(model, calib, Cost())
+    bi = method("metric/bi").score(model, calib, Cost())
     assert bi.tolist() == pytest.approx([mean_cos_distance(hs[i], hs[i + 1]) for i in range(4)], rel=1e-5)
     # The last entry by hand: input of the last layer vs final_norm(its raw output).
     (inp, out), = collect_layer_io(model, calib.input_ids, [3]).values()
@@ -190,7 +184,7 @@ def test_block_influence_last_state_is_final_normed_by_default():
         normed = model.model.norm(out)
     assert bi[3] == pytest.approx(mean_cos_distance(inp.double().flatten(0, -2), normed.double().flatten(0, -2)),
                                   rel=1e-5)
-    raw = BlockInfluence(last_state="raw").score(model, calib, Cost())
+    raw = method("metric/bi", last_state="raw").score(model, calib, Cost())
     assert raw[:3].tolist() == pytest.approx(bi[:3].tolist(), rel=1e-9)  # only the last layer's BI differs
     assert raw[3] == pytest.approx(mean_cos_distance(inp.double().flatten(0, -2), out.double().flatten(0, -2)),
                                    rel=1e-5)
@@ -201,7 +195,8 @@ SPAN_LAYERS = (rot, scale(3.0), rot, scale(2.0), scale(0.5), rot)  # only layers
 
 
 # StreamlineSpan's default (official) criterion also takes in the layer before the span: tested separately below.
-@pytest.mark.parametrize("make,far", [(lambda: StreamlineSpan(criterion="span_only"), 1.0), (AngularSpan, 0.5)],
+@pytest.mark.parametrize("make,far", [(lambda: method("metric/streamline", criterion="span_only"), 1.0),
+                                      (lambda: method("metric/angular"), 0.5)],
                          ids=["streamline_span_only", "angular"])
 def test_span_picks_most_similar(make, far):
     model = hand_model(*SPAN_LAYERS)
@@ -214,7 +209,7 @@ def test_span_picks_most_similar(make, far):
 
 def test_span_respects_protection():
     model = hand_model(*SPAN_LAYERS)
-    sel = StreamlineSpan(criterion="span_only", protect_last=2).select(model, make_calib(), 2, Cost())
+    sel = method("metric/streamline", criterion="span_only", protect_last=2).select(model, make_calib(), 2, Cost())
     assert sel.decisions[0].scores[3:] == [None, None, None]
     assert sel.removed in ([0, 1], [1, 2], [2, 3])  # all allowed spans are orthogonal: a tie up to rounding
 
@@ -226,14 +221,14 @@ def neg_rot(x: torch.Tensor) -> torch.Tensor:
 def test_streamline_official_criterion_includes_the_kept_layer():
     # h0 = x, h1 = rot x, h2 = x, h3 = -x, h4 = -x (final norm of scale ones: same direction).
     model = hand_model(rot, neg_rot, scale(-1.0), scale(1.0))
-    official = StreamlineSpan().select(model, make_calib(), 1, Cost())
+    official = method("metric/streamline").select(model, make_calib(), 1, Cost())
     (decision,) = official.decisions
     # Span s = b+1 scored by 1 - cos(h_b, h_{b+2}); no span may start at layer 0 (no kept layer before it).
     assert decision.scores[0] is None
     assert decision.scores[1:] == pytest.approx([0.0, 1.0, 2.0], abs=1e-6)
     assert official.removed == [1]  # layers 0..1 together do nothing: drop layer 1, layer 0 is then retrained
     # The earlier reading compares each span's own input and output: layer 3 alone does nothing.
-    span_only = StreamlineSpan(criterion="span_only").select(model, make_calib(), 1, Cost())
+    span_only = method("metric/streamline", criterion="span_only").select(model, make_calib(), 1, Cost())
     assert span_only.decisions[0].scores == pytest.approx([1.0, 1.0, 2.0, 0.0], abs=1e-6)
     assert span_only.removed == [3]
 
@@ -246,7 +241,7 @@ def test_streamline_official_matches_hf_hidden_states():
     calib = make_calib()
     hs = hf_hidden_states(model, calib)
     expected = [mean_cos_distance(hs[b], hs[b + n + 1]) for b in range(num_layers - n)]
-    sel = StreamlineSpan().select(model, calib, n, Cost())
+    sel = method("metric/streamline").select(model, calib, n, Cost())
     (decision,) = sel.decisions
     assert decision.scores[0] is None and decision.scores[num_layers - n + 1:] == [None] * (n - 1)
     assert decision.scores[1:num_layers - n + 1] == pytest.approx(expected, rel=1e-5)
@@ -261,14 +256,15 @@ def test_streamline_official_matches_hf_hidden_states():
 def test_streamline_official_refuses_a_span_that_cannot_fit():
     model = hand_model(*SPAN_LAYERS)
     with pytest.raises(ValueError, match="layer 0"):
-        StreamlineSpan(protect_last=1).select(model, make_calib(), 5, Cost())  # only 1..5 minus the last: 4 layers
+        metric = method("metric/streamline", protect_last=1)
+        metric.select(model, make_calib(), 5, Cost())  # only 1..5 minus the last: 4 layers
 
 
 def test_angular_uses_last_token_by_default():
     model = hand_model(scale(1.0), rot_last, scale(1.0))
-    last = AngularSpan().select(model, make_calib(), 1, Cost()).decisions[0].scores
+    last = method("metric/angular").select(model, make_calib(), 1, Cost()).decisions[0].scores
     assert last == pytest.approx([0.0, 0.5, 0.0], abs=1e-6)
-    every = AngularSpan(tokens="all").select(model, make_calib(), 1, Cost()).decisions[0].scores
+    every = method("metric/angular", tokens="all").select(model, make_calib(), 1, Cost()).decisions[0].scores
     assert every == pytest.approx([0.0, 0.5 / 16, 0.0], abs=1e-6)
 
 
@@ -279,7 +275,7 @@ def test_block_taylor_matches_autograd(batch_size):
     model = tiny_random_llama(num_layers=4)
     calib = make_calib(batch_size)
     cost = Cost()
-    scores = BlockTaylor(protect_first=0, protect_last=0, accum_dtype="float64").score(model, calib, cost)
+    scores = method("metric/taylor", accum_dtype="float64").score(model, calib, cost)
     assert cost.backward_tokens == calib.num_tokens
 
     ids = calib.input_ids  # equal-length rows: the full-batch mean loss is one forward over all of them
@@ -308,10 +304,9 @@ def test_block_taylor_leaves_biases_out_by_default(batch_size):
     it = iter(grads)
     terms = [[(name, float((p.detach().double() * next(it).double()).abs().sum())) for name, p in ps] for ps in named]
 
-    weights = BlockTaylor(protect_first=0, protect_last=0, accum_dtype="float64").score(model, calib, Cost())
+    weights = method("metric/taylor", accum_dtype="float64").score(model, calib, Cost())
     assert weights.tolist() == pytest.approx([sum(t for name, t in ts if "weight" in name) for ts in terms], rel=1e-4)
-    every = BlockTaylor(protect_first=0, protect_last=0, accum_dtype="float64", parameters="all").score(
-        model, calib, Cost())
+    every = method("metric/taylor", accum_dtype="float64", parameters="all").score(model, calib, Cost())
     assert every.tolist() == pytest.approx([sum(t for _, t in ts) for ts in terms], rel=1e-4)
     assert all(e > w * (1 + 1e-3) for e, w in zip(every.tolist(), weights.tolist()))  # the biases did count there
 
@@ -326,7 +321,7 @@ def manual_ppl(model: nn.Module, ids: torch.Tensor, drop: list[int]) -> float:
 def test_perplexity_drop_matches_manual_removal():
     model = tiny_random_llama(num_layers=4)
     calib = make_calib()
-    scores = PerplexityDrop(protect_first=0, protect_last=0).score(model, calib, Cost())
+    scores = method("metric/ppl").score(model, calib, Cost())
     expected = [manual_ppl(model, calib.input_ids, [i]) for i in range(4)]
     assert scores.tolist() == pytest.approx(expected, rel=1e-5)
 
@@ -334,7 +329,7 @@ def test_perplexity_drop_matches_manual_removal():
 def test_sleb_rescores_after_each_removal():
     model = tiny_random_llama(num_layers=4)
     calib = make_calib()
-    first, second = SLEB(protect_first=0, protect_last=0).select(model, calib, 2, Cost()).decisions
+    first, second = method("metric/sleb", protect_first=0, protect_last=0).select(model, calib, 2, Cost()).decisions
     ids = calib.input_ids
     assert first.scores == pytest.approx([manual_ppl(model, ids, [i]) for i in range(4)], rel=1e-5)
     (r,) = first.removed
@@ -356,24 +351,25 @@ def test_sleb_never_removes_the_first_or_last_block(monkeypatch):
         return sum(cheap.get(i, 10.0 + i) for i, layer in enumerate(originals) if id(layer) not in present)
 
     monkeypatch.setattr("methods.baselines.ppl.calibration_perplexity", fake_ppl)
-    sel = SLEB().select(model, make_calib(), 3, Cost())
+    sel = method("metric/sleb").select(model, make_calib(), 3, Cost())
     assert sel.removed == [1, 2, 3]
     for d in sel.decisions:  # blocks 0 and 5 are not even scored (official: the search range skips them)
         assert d.scores[0] is None and d.scores[5] is None
     # Scoring them too (the old loop) shows they were the cheapest removals, and still never removed.
-    old = PerplexityDrop(iterative=True, protect_first=1, protect_last=1).select(model, make_calib(), 3, Cost())
+    old = method("metric/ppl", iterative=True, protect_first=1, protect_last=1).select(model, make_calib(), 3, Cost())
     assert old.removed == [1, 2, 3]
     for d in old.decisions:
         present = [s for s in d.scores if s is not None]
         assert sorted(present)[:2] == sorted([d.scores[0], d.scores[5]])
-    assert SLEB(protect_first=0, protect_last=0).select(model, make_calib(), 3, Cost()).removed == [0, 5, 1]
+    unprotected = method("metric/sleb", protect_first=0, protect_last=0)
+    assert unprotected.select(model, make_calib(), 3, Cost()).removed == [0, 5, 1]
 
 
 def test_random_is_seeded():
     model = tiny_random_llama(num_layers=6)
     calib = make_calib()
-    a = RandomMetric(seed=1).score(model, calib, Cost())
-    assert torch.equal(a, RandomMetric(seed=1).score(model, calib, Cost()))
-    assert not torch.equal(a, RandomMetric(seed=2).score(model, calib, Cost()))
-    sel = RandomMetric(seed=1).select(model, calib, 2, Cost())
+    a = method("metric/random", seed=1).score(model, calib, Cost())
+    assert torch.equal(a, method("metric/random", seed=1).score(model, calib, Cost()))
+    assert not torch.equal(a, method("metric/random", seed=2).score(model, calib, Cost()))
+    sel = method("metric/random", seed=1).select(model, calib, 2, Cost())
     assert sorted(sel.removed) == sorted(torch.argsort(a)[:2].tolist())

@@ -20,8 +20,8 @@ from gradmap.data import Calibration
 from gradmap.models import tiny_random_llama
 from gradmap.stages import Cost
 from methods.baselines.prune_and_comp import PruneAndComp
-from methods.baselines.replaceme import ReplaceMe
 from methods.baselines.streamline_comp import StreamlineTraining
+from tests.tiny_models import method
 
 COMP_DIR = Path(__file__).resolve().parents[1] / "conf" / "compensation"
 COMP_YAMLS = sorted(COMP_DIR.glob("**/*.yaml"))
@@ -118,7 +118,7 @@ def test_replaceme_map_is_least_squares():
     expected = torch.linalg.lstsq(y, t).solution
     w0 = layer.mlp.down_proj.weight.detach().double().clone()
 
-    report = ReplaceMe().apply(model, removed, calib, Cost())
+    report = method("compensation/replaceme").apply(model, removed, calib, Cost())
     assert [s["original_layer"] for s in report["sites"]] == [1] and report["uncompensated_gaps"] == []
     torch.testing.assert_close(layer.mlp.down_proj.weight.double(), expected.T @ w0, rtol=1e-4, atol=1e-5)
 
@@ -127,12 +127,12 @@ def test_replaceme_map_is_least_squares():
 def test_replaceme_has_no_guard_by_default(monkeypatch, guard):
     """Official ReplaceMe/lstsq.py folds every estimated map unchecked: a fold that raises the final error is kept.
     The guard (GradMAP projection's) is only an option. The harmful fit is forced: T = 8 I."""
-    assert ReplaceMe().guard == "none"
+    assert method("compensation/replaceme").guard == "none"
     model = tiny_random_llama(num_layers=6)
     removed = surgery.remove_layers(model, REMOVE)
     monkeypatch.setattr("methods.gradmap.projection.fit_projection",
                         lambda yty, ytt, alpha: 8.0 * torch.eye(yty.shape[0], dtype=torch.float64))
-    comp = ReplaceMe() if guard == "none" else ReplaceMe(guard=guard)
+    comp = method("compensation/replaceme") if guard == "none" else method("compensation/replaceme", guard=guard)
     report = comp.apply(model, removed, make_calib(), Cost())
     assert [s["original_layer"] for s in report["sites"]] == [1] and report["guard"] == guard
     if guard == "none":
@@ -147,7 +147,7 @@ def test_replaceme_refuses_underdetermined_least_squares():
     model = tiny_random_llama(num_layers=6)
     removed = surgery.remove_layers(model, REMOVE)
     with pytest.raises(ValueError, match="hidden_size"):
-        ReplaceMe().apply(model, removed, Calibration(torch.randint(0, 256, (1, 8)), 1), Cost())
+        method("compensation/replaceme").apply(model, removed, Calibration(torch.randint(0, 256, (1, 8)), 1), Cost())
 
 
 def test_prune_and_comp_scale_is_the_norm_ratio_and_folds_exactly():
@@ -160,7 +160,8 @@ def test_prune_and_comp_scale_is_the_norm_ratio_and_folds_exactly():
     at_gap = outputs(model, calib, 1)
     s = mean_norm(dense) / mean_norm(at_gap)
 
-    report = PruneAndComp(iterative=False, ratio="token_l2").apply(model, removed, calib, Cost())
+    comp = method("compensation/prune_and_comp", iterative=False, ratio="token_l2")
+    report = comp.apply(model, removed, calib, Cost())
     (site,) = report["sites"]
     assert site["gap"] == [2, 3] and site["kept_position_before"] == 1
     assert site["scale"] == pytest.approx(s, rel=1e-6)
@@ -180,7 +181,8 @@ def test_prune_and_comp_unties_tied_embeddings_and_reports_it():
     head = model.lm_head.weight.detach().clone()
     removed = surgery.remove_layers(model, [1])
     params = n_params(model)
-    report = PruneAndComp().apply(model, removed, Calibration(torch.randint(0, 64, (4, 8)), 2), Cost())
+    calib = Calibration(torch.randint(0, 64, (4, 8)), 2)
+    report = method("compensation/prune_and_comp").apply(model, removed, calib, Cost())
     assert report["untied_embeddings"] and report["extra_parameters"] == 64 * 16 == n_params(model) - params
     assert model.lm_head.weight is not model.model.embed_tokens.weight and not model.config.tie_word_embeddings
     torch.testing.assert_close(model.lm_head.weight, head)  # the LM head is not scaled
@@ -192,7 +194,7 @@ def test_streamline_training_lowers_its_loss(part):
     model = tiny_random_llama(num_layers=6)
     removed = surgery.remove_layers(model, [0, 3])  # a gap at the start: trained from the layer after it
     cost = Cost()
-    report = StreamlineTraining(part=part, epochs=5).apply(model, removed, make_calib(), cost)
+    report = method(f"compensation/streamline_{part}", epochs=5).apply(model, removed, make_calib(), cost)
     sites = report["sites"]
     assert [(s["original_layer"], s["target_dense_layer"], s["side"]) for s in sites] == [(1, 1, "after"),
                                                                                         (2, 3, "before")]
@@ -211,7 +213,7 @@ def official_streamline_lambda(step: float, warmup: float, horizon: float, lr: f
 def test_streamline_lr_schedule_is_the_official_one():
     """train_lightweightnetwork.py: warmup = N * epochs * 0.01 * 0.5 and horizon = N * epochs * 0.5 in micro-batches
     N, but scheduler.step() once per 16 micro-batches (gradient accumulation): replay it per optimizer step."""
-    comp = StreamlineTraining(part="layer")
+    comp = method("compensation/streamline_layer")
     steps, accumulation = 100, 16
     micro_batches = steps * accumulation  # one epoch
     official = [official_streamline_lambda(u, micro_batches * 0.01 * 0.5, micro_batches * 0.5, 2e-4, 5e-5)
@@ -223,11 +225,11 @@ def test_streamline_lr_schedule_is_the_official_one():
     assert ours[99] == pytest.approx((5e-5 + 0.96778 * 1.5e-4) / 2e-4, abs=1e-5)
     assert min(ours[8:]) > 0.97
     # This repo's earlier schedule as an option: 1% warmup, then a full cosine down toward min_lr (0.25 lr).
-    old = StreamlineTraining(part="layer", warmup_ratio=0.01, decay_horizon=1.0)
+    old = method("compensation/streamline_layer", warmup_ratio=0.01, decay_horizon=1.0)
     assert old._lr_factor(1, steps) == pytest.approx(1.0)
     assert old._lr_factor(99, steps) == pytest.approx(0.25, abs=1e-3)
     with pytest.raises(ValueError, match="decay_horizon"):
-        StreamlineTraining(part="layer", decay_horizon=0.5)
+        method("compensation/streamline_layer", decay_horizon=0.5)
 
 
 # ---------------------------------------------------------------------------------------------------- refusals
@@ -236,7 +238,7 @@ def test_impossible_pairings_are_refused():
     opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
                                    num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16))
     with pytest.raises(IncompatibleCompensationError, match="mlp"):
-        StreamlineTraining(part="ffn").check_compatible(opt, [])
+        method("compensation/streamline_ffn").check_compatible(opt, [])
     with pytest.raises(IncompatibleCompensationError, match="residual writers"):
-        PruneAndComp().check_compatible(opt, [])
-    StreamlineTraining(part="layer").check_compatible(opt, [])  # a whole layer can always be trained
+        method("compensation/prune_and_comp").check_compatible(opt, [])
+    method("compensation/streamline_layer").check_compatible(opt, [])  # a whole layer can always be trained

@@ -1,12 +1,12 @@
-"""One source of defaults. Every option of every config group is built through its YAML's `_target_`; the YAML's
-keys are exactly the class's parameters (conf/ mirrors the code one to one); a parameter with a default has the
-YAML's value (constructors have no defaults or the YAML's; a class shared by two YAMLs leaves the parameter they
-differ in without one); and the built object holds the resolved values, so what runs is what the config says."""
+"""One source of defaults, one schema mechanism. Every option of every config group (metrics and compensations
+included) is built through its YAML's `_target_`, a dataclass whose fields are declared with `option()`; the YAML's
+keys are exactly the class's option fields (conf/ mirrors the code one to one); no option field has a default in
+code (only a field a class fixes, `init=False`, which is no key), so the YAML is the only copy of every value; and
+the built object holds the resolved values, so what runs is what the config says."""
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from pathlib import Path
 
 import pytest
@@ -42,30 +42,41 @@ def plain(value):
     return value
 
 
-def parameters(cls) -> dict[str, inspect.Parameter]:
-    init = cls.__init__ if inspect.isclass(cls) else cls
-    return {n: p for n, p in inspect.signature(init).parameters.items() if n != "self"
-            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
-
-
 def test_every_group_has_options():
     assert {g for g, _ in OPTIONS} == set(GROUPS) and len(OPTIONS) >= 30
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_yaml_keys_are_the_class_parameters_and_its_defaults_are_the_yaml_values(group, option):
+def test_yaml_keys_are_the_class_option_fields_and_the_code_holds_no_default(group, option):
     node = resolved(group, option)
     cls = get_object(node["_target_"])
+    assert isinstance(cls, type) and "__dataclass_fields__" in vars(cls), f"{cls} is not itself a dataclass"
     keys = {k for k in node if not k.startswith("_")}
-    params = parameters(cls)
-    assert keys == set(params), f"conf/{group}/{option}.yaml keys vs {cls.__name__}: {sorted(keys ^ set(params))}"
-    for name, param in params.items():
-        if param.default is not inspect.Parameter.empty:
-            assert param.default == node[name], (f"{cls.__name__}({name}={param.default!r}) but conf/{group}/"
-                                                 f"{option}.yaml says {node[name]!r}")
-    if dataclasses.is_dataclass(cls):  # the config classes of the plain groups have no defaults at all
-        assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                   for f in dataclasses.fields(cls)), cls.__name__
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    assert keys == set(fields), f"conf/{group}/{option}.yaml keys vs {cls.__name__}: {sorted(keys ^ set(fields))}"
+    with_default = [f.name for f in fields.values()
+                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+    assert not with_default, f"{cls.__name__} has defaults in code for {with_default} (conf/{group}/{option}.yaml " \
+                             f"is their only place)"
+
+
+@pytest.mark.parametrize("group", ["metric", "compensation"])
+def test_a_field_a_class_fixes_is_no_option(group):
+    """Fixed fields (`init=False`: e.g. span metrics are never iterative, ReplaceMe's sites) are not YAML keys and
+    are refused as config keys; the base classes check every option when built in Python, too."""
+    from gradmap.errors import ConfigError
+    from gradmap.validation import check_component
+
+    fixed = 0
+    for path in sorted((CONF / group).glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        for f in dataclasses.fields(get_object(node["_target_"])):
+            if not f.init:
+                fixed += 1
+                assert f.name not in node, (path.name, f.name)
+                with pytest.raises(ConfigError, match=rf"^{group}\.{f.name}=.*unknown key"):
+                    check_component(group, {**node, f.name: getattr(instantiate(node), f.name)}, build=False)
+    assert fixed
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -75,20 +86,6 @@ def test_the_built_object_holds_the_resolved_values(group, option):
     for key, value in node.items():
         if not key.startswith("_"):
             assert plain(getattr(built, key)) == value, f"{group}={option}: {key}"
-
-
-def test_classes_shared_by_two_yamls_leave_their_difference_without_a_default():
-    by_class: dict[str, list[dict]] = {}
-    for group, option in OPTIONS:
-        node = resolved(group, option)
-        by_class.setdefault(node["_target_"], []).append(node)
-    shared = {target: nodes for target, nodes in by_class.items() if len(nodes) > 1}
-    assert "methods.baselines.taylor.BlockTaylor" in shared
-    assert "methods.baselines.streamline_comp.StreamlineTraining" in shared
-    for target, nodes in shared.items():
-        params = parameters(get_object(target))
-        differ = {k for k in params if len({repr(n.get(k)) for n in nodes}) > 1}
-        assert all(params[k].default is inspect.Parameter.empty for k in differ), (target, differ)
 
 
 def test_top_level_keys_are_the_schema():

@@ -24,6 +24,7 @@ from gradmap.jobs import run
 from gradmap.validation import ConfigError
 from tests.test_bad_inputs import cli_args, run_cli
 from tests.test_runner import CHOICES, make_cfg
+from tests.tiny_models import method
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -282,11 +283,10 @@ def test_projection_fit_is_float64_for_a_bf16_model():
     from gradmap.data import Calibration
     from gradmap.models import tiny_random_llama
     from gradmap.stages import Cost
-    from methods.gradmap.projection import ProjectionCompensation
 
     model = tiny_random_llama(num_layers=6).to(torch.bfloat16)
     removed = surgery.remove_layers(model, [2])
-    comp = ProjectionCompensation()
+    comp = method("compensation/projection")
     seen = []
     real = comp._normal_equations
 
@@ -313,19 +313,18 @@ def test_progress_bars_on_a_terminal_and_silent_in_logs(monkeypatch):
     from gradmap.data import Calibration
     from gradmap.models import tiny_random_llama
     from gradmap.stages import Cost
-    from methods.baselines.sleb import SLEB
 
     model = tiny_random_llama(num_layers=5)
     calib = Calibration(torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0)), 2)
     tty = _Tty()
     monkeypatch.setattr(sys, "stderr", tty)
-    SLEB().select(model, calib, 2, Cost())
+    method("metric/sleb").select(model, calib, 2, Cost())
     shown = tty.getvalue()
     assert "sleb: pruning decisions" in shown and "2/2" in shown  # one step per decision, with ETA
     assert "sleb: candidate layers" in shown  # one step per candidate layer
     pipe = io.StringIO()  # not a TTY: nothing
     monkeypatch.setattr(sys, "stderr", pipe)
-    SLEB().select(model, calib, 2, Cost())
+    method("metric/sleb").select(model, calib, 2, Cost())
     assert pipe.getvalue() == ""
 
 

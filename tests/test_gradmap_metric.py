@@ -14,8 +14,8 @@ from gradmap import surgery
 from gradmap.data import Calibration
 from gradmap.models import tiny_random_llama
 from gradmap.stages import Cost, count_forward_tokens
-from methods.gradmap.metric import GradMAPMetric
 from tests.model_state import assert_unchanged, snapshot
+from tests.tiny_models import method
 
 VOCAB = 256
 
@@ -111,7 +111,7 @@ def test_scores_equal_independent_autograd_one_micro_batch(target, reduction):
     model = make_model()
     calib = make_calib(batch_size=4)  # one micro-batch
     assert calib.num_batches == 1
-    scores = GradMAPMetric(target=target, reduction=reduction).score(model, calib, Cost())
+    scores = method("metric/gradmap", target=target, reduction=reduction).score(model, calib, Cost())
     expected = reference(model, calib, target, reduction)
     assert scores.shape == (5,)
     assert all(v > 0 for v in expected)
@@ -127,7 +127,7 @@ def test_micro_batches_give_the_full_calibration_set_scores(target, reduction):
     model = make_model()
     calib = make_calib(rows=5, batch_size=2)
     assert calib.num_batches == 3
-    scores = GradMAPMetric(target=target, reduction=reduction).score(model, calib, Cost())
+    scores = method("metric/gradmap", target=target, reduction=reduction).score(model, calib, Cost())
     whole = reference(model, make_calib(rows=5, batch_size=5), target, reduction)
     torch.testing.assert_close(scores.double(), torch.tensor(whole, dtype=torch.float64), rtol=1e-5, atol=0)
 
@@ -136,7 +136,7 @@ def test_micro_batches_give_the_full_calibration_set_scores(target, reduction):
 def test_per_batch_option_averages_micro_batch_reductions(reduction):
     model = make_model()
     calib = make_calib(rows=5, batch_size=2)
-    scores = GradMAPMetric(target="weights", reduction=reduction, grad_accumulation="per_batch").score(
+    scores = method("metric/gradmap", target="weights", reduction=reduction, grad_accumulation="per_batch").score(
         model, calib, Cost())
     expected = reference(model, calib, "weights", reduction)  # token-weighted mean of per-micro-batch reductions
     torch.testing.assert_close(scores.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
@@ -163,7 +163,7 @@ def uneven_model(seed: int = 2) -> nn.Module:
 @pytest.mark.parametrize("iterative", [True, False])
 def test_selection_does_not_depend_on_the_micro_batch_size(target, reduction, iterative):
     model = uneven_model()
-    removed = [GradMAPMetric(target=target, reduction=reduction, iterative=iterative).select(
+    removed = [method("metric/gradmap", target=target, reduction=reduction, iterative=iterative).select(
         model, make_calib(rows=4, batch_size=batch_size, seed=2), 3, Cost()).removed for batch_size in (1, 2, 4)]
     assert removed[0] == removed[1] == removed[2], removed
 
@@ -171,7 +171,8 @@ def test_selection_does_not_depend_on_the_micro_batch_size(target, reduction, it
 def test_per_batch_selection_changes_with_the_micro_batch_size():
     # Why `full` is the default: on the same model and tokens the per-micro-batch average removes other layers.
     model = uneven_model()
-    removed = [sorted(GradMAPMetric(target="weights", reduction="l2", iterative=False, grad_accumulation="per_batch")
+    removed = [sorted(method("metric/gradmap", target="weights", reduction="l2", iterative=False,
+                             grad_accumulation="per_batch")
                       .select(model, make_calib(rows=4, batch_size=batch_size, seed=2), 3, Cost()).removed)
                for batch_size in (1, 2, 4)]
     assert removed[0] != removed[2], removed
@@ -179,17 +180,18 @@ def test_per_batch_selection_changes_with_the_micro_batch_size():
 
 def test_float32_accumulation_agrees_with_float64():
     model, calib = make_model(), make_calib()
-    s64 = GradMAPMetric(accum_dtype="float64").score(model, calib, Cost())
-    s32 = GradMAPMetric(accum_dtype="float32").score(model, calib, Cost())
+    s64 = method("metric/gradmap", accum_dtype="float64").score(model, calib, Cost())
+    s32 = method("metric/gradmap", accum_dtype="float32").score(model, calib, Cost())
     torch.testing.assert_close(s32, s64, rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("target,reduction", [("weights", "l2"), ("activations", "first_order")])
 def test_gradient_checkpointing_gives_the_same_scores(target, reduction):
     model, calib = make_model(), make_calib(rows=4, batch_size=2)
-    plain = GradMAPMetric(target=target, reduction=reduction).score(model, calib, Cost())
+    plain = method("metric/gradmap", target=target, reduction=reduction).score(model, calib, Cost())
     before = snapshot(model)
-    ckpt = GradMAPMetric(target=target, reduction=reduction, gradient_checkpointing=True).score(model, calib, Cost())
+    ckpt = method("metric/gradmap", target=target, reduction=reduction, gradient_checkpointing=True).score(
+        model, calib, Cost())
     assert_unchanged(before, snapshot(model))
     assert not getattr(model, "is_gradient_checkpointing", False)
     torch.testing.assert_close(ckpt, plain, rtol=1e-6, atol=0)
@@ -200,7 +202,7 @@ def test_gradient_checkpointing_gives_the_same_scores(target, reduction):
 @pytest.mark.parametrize("target,reduction", [("weights", "mean_abs"), ("activations", "l2")])
 def test_iterative_selection_removes_argmin_and_rescores_the_smaller_model(target, reduction):
     model, calib = make_model(num_layers=6), make_calib()
-    sel = GradMAPMetric(target=target, reduction=reduction, iterative=True).select(model, calib, 3, Cost())
+    sel = method("metric/gradmap", target=target, reduction=reduction, iterative=True).select(model, calib, 3, Cost())
 
     assert len(sel.decisions) == 3
     assert sel.removed == [i for d in sel.decisions for i in d.removed]
@@ -225,7 +227,7 @@ def test_iterative_selection_removes_argmin_and_rescores_the_smaller_model(targe
 
 def test_one_shot_removes_the_n_lowest_of_one_scoring_pass():
     model, calib = make_model(num_layers=6), make_calib()
-    sel = GradMAPMetric(target="weights", reduction="l2", iterative=False).select(model, calib, 3, Cost())
+    sel = method("metric/gradmap", target="weights", reduction="l2", iterative=False).select(model, calib, 3, Cost())
     assert len(sel.decisions) == 1
     scores = sel.decisions[0].scores
     expected = reference(model, calib, "weights", "l2")
@@ -238,10 +240,10 @@ def test_one_shot_removes_the_n_lowest_of_one_scoring_pass():
 
 def test_protected_layers_are_never_removed():
     model, calib = make_model(num_layers=6), make_calib()
-    sel = GradMAPMetric(protect_first=1, protect_last=2).select(model, calib, 3, Cost())
+    sel = method("metric/gradmap", protect_first=1, protect_last=2).select(model, calib, 3, Cost())
     assert sorted(sel.removed) == [1, 2, 3]
     with pytest.raises(ValueError, match="allowed: 1..3"):
-        GradMAPMetric(protect_first=1, protect_last=2).select(model, calib, 4, Cost())
+        method("metric/gradmap", protect_first=1, protect_last=2).select(model, calib, 4, Cost())
 
 
 @pytest.mark.parametrize("iterative,num_prune", [(True, 3), (False, 3)])
@@ -250,7 +252,7 @@ def test_cost_is_decisions_times_calibration_tokens(iterative, num_prune, target
     model, calib = make_model(num_layers=6), make_calib(rows=4, seq=12, batch_size=2)
     cost = Cost()
     with count_forward_tokens(model, cost):
-        sel = GradMAPMetric(target=target, reduction="mean_abs", iterative=iterative).select(
+        sel = method("metric/gradmap", target=target, reduction="mean_abs", iterative=iterative).select(
             model, calib, num_prune, cost)
     decisions = num_prune if iterative else 1
     assert len(sel.decisions) == decisions
@@ -288,7 +290,8 @@ def test_metric_leaves_the_model_exactly_as_found(target, reduction, iterative):
     with torch.no_grad():
         out_before = model(input_ids=ids, use_cache=False).logits
 
-    sel = GradMAPMetric(target=target, reduction=reduction, iterative=iterative).select(model, calib, 2, Cost())
+    metric = method("metric/gradmap", target=target, reduction=reduction, iterative=iterative)
+    sel = metric.select(model, calib, 2, Cost())
 
     assert len(sel.removed) == 2
     assert calls["fwd"] > 0  # the user's hook stayed active during scoring
@@ -298,7 +301,7 @@ def test_metric_leaves_the_model_exactly_as_found(target, reduction, iterative):
     # A frozen layer weight still contributes to its layer's score when requires_grad is restored afterwards:
     # scores equal those of the unfrozen model (the metric takes gradients of all layer weights).
     fresh = make_model(num_layers=5)
-    expected = GradMAPMetric(target=target, reduction=reduction, iterative=iterative).select(
+    expected = method("metric/gradmap", target=target, reduction=reduction, iterative=iterative).select(
         fresh, calib, 2, Cost())
     assert sel.decisions[0].scores == pytest.approx(expected.decisions[0].scores, rel=1e-9)
 
@@ -307,13 +310,13 @@ def test_metric_leaves_the_model_exactly_as_found(target, reduction, iterative):
 
 def test_invalid_options_name_the_allowed_values():
     with pytest.raises(ValueError, match=r"target='grads'.*weights.*activations"):
-        GradMAPMetric(target="grads")
+        method("metric/gradmap", target="grads")
     with pytest.raises(ValueError, match=r"first_order.*mean_abs.*l2.*rel_l2"):
-        GradMAPMetric(target="weights", reduction="first_order")
+        method("metric/gradmap", target="weights", reduction="first_order")
     with pytest.raises(ValueError, match=r"rel_l2.*mean_abs.*l2.*first_order"):
-        GradMAPMetric(target="activations", reduction="rel_l2")
+        method("metric/gradmap", target="activations", reduction="rel_l2")
     with pytest.raises(ValueError, match=r"float16.*float32.*float64"):
-        GradMAPMetric(accum_dtype="float16")
+        method("metric/gradmap", accum_dtype="float16")
     model, calib = make_model(num_layers=4), make_calib()
     with pytest.raises(ValueError, match=r"allowed: 1..3"):
-        GradMAPMetric().select(model, calib, 4, Cost())
+        method("metric/gradmap").select(model, calib, 4, Cost())

@@ -6,7 +6,6 @@ record, cache reuse, and the guarantee that the model is left as found.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 from pathlib import Path
@@ -22,13 +21,17 @@ from gradmap.data import Calibration
 from gradmap.models import tiny_random_llama
 from gradmap.selection import Selection, SelectionKind
 from gradmap.stages import Cost, count_forward_tokens
-from methods.baselines.sleb import SLEB
-from methods.gradmap.metric import GradMAPMetric
 from methods.gradmap.verify import GradMAPVerify
 from tests.model_state import assert_unchanged, snapshot
+from tests.tiny_models import method
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS, PRUNE = 8, 3
+
+
+def gradmap_verify(**options):
+    """conf/metric/gradmap_verify.yaml's object, with `options` changed."""
+    return method("metric/gradmap_verify", **options)
 
 
 def make_model() -> nn.Module:
@@ -63,9 +66,9 @@ def independent_ppl(model: nn.Module, ids: torch.Tensor, drop: list[int]) -> flo
 def test_one_candidate_is_gradmap(protect):
     model, calib = make_model(), make_calib()
     first, last = protect
-    gradmap = GradMAPMetric(target="activations", reduction="first_order", iterative=True,
+    gradmap = method("metric/gradmap", target="activations", reduction="first_order", iterative=True,
                             protect_first=first, protect_last=last).select(model, calib, PRUNE, Cost())
-    verify, cost = counted_select(GradMAPVerify(candidates=1, protect_first=first, protect_last=last),
+    verify, cost = counted_select(gradmap_verify(candidates=1, protect_first=first, protect_last=last),
                                   model, calib, PRUNE)
     assert verify.removed == gradmap.removed
     for d, g in zip(verify.decisions, gradmap.decisions):
@@ -79,8 +82,8 @@ def test_one_candidate_is_gradmap(protect):
 def test_all_candidates_is_sleb(protect):
     model, calib = make_model(), make_calib()
     first, last = protect
-    sleb, _ = counted_select(SLEB(protect_first=first, protect_last=last), model, calib, PRUNE)
-    verify, cost = counted_select(GradMAPVerify(candidates=LAYERS, protect_first=first, protect_last=last),
+    sleb, _ = counted_select(method("metric/sleb", protect_first=first, protect_last=last), model, calib, PRUNE)
+    verify, cost = counted_select(gradmap_verify(candidates=LAYERS, protect_first=first, protect_last=last),
                                   model, calib, PRUNE)
     assert verify.removed == sleb.removed
     prunable = set(range(first, LAYERS - last))
@@ -98,9 +101,9 @@ def test_all_candidates_is_sleb(protect):
 def test_the_limits_differ_here():
     """Otherwise the two tests above would not tell GradMAP and SLEB apart on this model."""
     model, calib = make_model(), make_calib()
-    gradmap = GradMAPVerify(candidates=1).select(model, calib, PRUNE, Cost()).removed
-    sleb = SLEB().select(model, calib, PRUNE, Cost()).removed
-    middle = GradMAPVerify(candidates=2).select(model, calib, PRUNE, Cost()).removed
+    gradmap = gradmap_verify(candidates=1).select(model, calib, PRUNE, Cost()).removed
+    sleb = method("metric/sleb").select(model, calib, PRUNE, Cost()).removed
+    middle = gradmap_verify(candidates=2).select(model, calib, PRUNE, Cost()).removed
     assert len({tuple(gradmap), tuple(sleb), tuple(middle)}) == 3
 
 
@@ -109,12 +112,12 @@ def test_the_limits_differ_here():
 def test_intermediate_k_decisions_against_independent_computation():
     model, calib = make_model(), make_calib(batch_size=4)  # one micro-batch: the independent ppl is one loss
     k = 3
-    sel = GradMAPVerify(candidates=k).select(model, calib, PRUNE, Cost())
+    sel = gradmap_verify(candidates=k).select(model, calib, PRUNE, Cost())
     removed: list[int] = []
     for d in sel.decisions:
         # The screen is GradMAP's score of the current model.
         with surgery.layers_removed(model, sorted(removed)):
-            expected = GradMAPMetric(target="activations", reduction="first_order").score(model, calib, Cost())
+            expected = method("metric/gradmap").score(model, calib, Cost())
         kept = surgery.kept_indices(LAYERS, removed)
         assert [d.gradient_scores[i] for i in kept] == expected.tolist()
         assert all(d.gradient_scores[i] is None for i in removed)
@@ -137,7 +140,7 @@ def test_intermediate_k_decisions_against_independent_computation():
 def test_intermediate_k_forward_tokens(k):
     model, calib = make_model(), make_calib()
     n = calib.num_tokens
-    sel, cost = counted_select(GradMAPVerify(candidates=k), model, calib, PRUNE)
+    sel, cost = counted_select(gradmap_verify(candidates=k), model, calib, PRUNE)
     expected_fwd = expected_bwd = 0
     for step in range(PRUNE):
         prunable = (LAYERS - 2) - step
@@ -159,7 +162,7 @@ def test_intermediate_k_forward_tokens(k):
     assert sum(d.score_seconds for d in sel.decisions) == pytest.approx(grad["seconds"] + ver["seconds"])
     # Against SLEB, which measures every present prunable layer at every decision (8 layers, 2 protected: 6+5+4 =
     # 15 passes): k=2 costs 3+3+3+... = 11 passes, k=3 as much as SLEB (4+4+4 forward + 3 backward), k=5 more.
-    _, sleb = counted_select(SLEB(), model, calib, PRUNE)
+    _, sleb = counted_select(method("metric/sleb"), model, calib, PRUNE)
     assert sleb.forward_tokens == sum(LAYERS - 2 - s for s in range(PRUNE)) * n
     total = cost.forward_tokens + cost.backward_tokens
     assert {2: total < sleb.forward_tokens, 3: total == sleb.forward_tokens, 5: total > sleb.forward_tokens}[k]
@@ -175,18 +178,15 @@ def test_model_unchanged_after_select(checkpointing):
     model.model.norm.train()
     model.model.layers[2].mlp.down_proj.weight.grad = torch.ones_like(model.model.layers[2].mlp.down_proj.weight)
     before = snapshot(model)
-    GradMAPVerify(candidates=2, gradient_checkpointing=checkpointing).select(model, calib, PRUNE, Cost())
+    gradmap_verify(candidates=2, gradient_checkpointing=checkpointing).select(model, calib, PRUNE, Cost())
     assert_unchanged(before, snapshot(model))
 
 
 # --------------------------------------------------------------------------------- config, record, cache
 
-def test_yaml_values_equal_constructor_defaults():
+def test_yaml_values_follow_gradmap_and_sleb():
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "metric" / "gradmap_verify.yaml"))
     assert cfg.pop("_target_") == "methods.gradmap.verify.GradMAPVerify"
-    defaults = {name: p.default for name, p in inspect.signature(GradMAPVerify.__init__).parameters.items()
-                if name != "self"}
-    assert cfg == defaults
     # The screening keys are GradMAP's, with gradmap.yaml's values (protection aside: SLEB's, documented).
     gradmap = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "metric" / "gradmap.yaml"))
     for key in ("target", "reduction", "accum_dtype", "grad_accumulation", "gradient_checkpointing"):
@@ -197,16 +197,16 @@ def test_yaml_values_equal_constructor_defaults():
 
 def test_invalid_candidates_refused():
     with pytest.raises(ValueError, match="candidates=0"):
-        GradMAPVerify(candidates=0)
+        gradmap_verify(candidates=0)
 
 
 def test_selection_round_trips_and_old_entries_load():
     model, calib = make_model(), make_calib()
-    sel = GradMAPVerify(candidates=2).select(model, calib, PRUNE, Cost())
+    sel = gradmap_verify(candidates=2).select(model, calib, PRUNE, Cost())
     data = json.loads(json.dumps(sel.as_dict()))
     assert Selection.from_dict(data) == sel
     # Other metrics' records are unchanged: the verification fields are left out at their defaults.
-    plain = SLEB().select(model, calib, 1, Cost()).as_dict()["decisions"][0]
+    plain = method("metric/sleb").select(model, calib, 1, Cost()).as_dict()["decisions"][0]
     assert set(plain) == {"step", "scores", "removed", "seconds", "score_seconds", "forward_tokens",
                           "backward_tokens"}
     assert Selection.from_dict({"removal_order": [3], "decisions": [plain]}).decisions[0].verified == []
@@ -214,7 +214,7 @@ def test_selection_round_trips_and_old_entries_load():
 
 def test_prefix_reuse_resumes_and_truncates(tmp_path):
     model, calib = make_model(), make_calib()
-    metric = GradMAPVerify(candidates=2)
+    metric = gradmap_verify(candidates=2)
     assert metric.selection_kind is SelectionKind.GREEDY
     full = metric.select(model, calib, PRUNE, Cost())
     cache = SelectionCache(tmp_path)

@@ -12,10 +12,8 @@ from gradmap.data import Calibration
 from gradmap.lm_loss import backward_lm_loss, chunkable, chunked_loss
 from gradmap.models import tiny_random_llama
 from gradmap.stages import Cost, count_forward_tokens
-from methods.baselines.taylor import BlockTaylor
-from methods.gradmap.metric import GradMAPMetric
-from methods.gradmap.verify import GradMAPVerify
 from tests.model_state import assert_unchanged, snapshot
+from tests.tiny_models import method
 
 VOCAB = 256
 
@@ -77,10 +75,10 @@ def test_unknown_family_falls_back_to_the_models_own_loss():
 LEAN = {"gradient_checkpointing": True, "loss_chunk_tokens": 5}
 PLAIN = {"gradient_checkpointing": False, "loss_chunk_tokens": 0}
 METRICS = {
-    "gradmap_first_order": lambda **kw: GradMAPMetric(**kw),
-    "gradmap_l2": lambda **kw: GradMAPMetric(reduction="l2", **kw),
-    "gradmap_weights": lambda **kw: GradMAPMetric(target="weights", reduction="l2", **kw),
-    "taylor": lambda **kw: BlockTaylor(protect_first=0, protect_last=0, **kw),
+    "gradmap_first_order": lambda **kw: method("metric/gradmap", **kw),
+    "gradmap_l2": lambda **kw: method("metric/gradmap", reduction="l2", **kw),
+    "gradmap_weights": lambda **kw: method("metric/gradmap", target="weights", reduction="l2", **kw),
+    "taylor": lambda **kw: method("metric/taylor", **kw),
 }
 
 
@@ -102,8 +100,8 @@ def test_lean_backward_gives_the_plain_backwards_scores(name, metric):
 def test_gradmap_verify_selection_unchanged_by_the_lean_backward():
     model = tiny_random_llama(vocab_size=VOCAB, num_layers=6)  # 4 prunable layers: k=2 screens
     calib = Calibration(ids(rows=4, seq=12), batch_size=2)
-    plain = GradMAPVerify(candidates=2, **PLAIN).select(model, calib, 2, Cost())
-    lean = GradMAPVerify(candidates=2, **LEAN).select(model, calib, 2, Cost())
+    plain = method("metric/gradmap_verify", candidates=2, **PLAIN).select(model, calib, 2, Cost())
+    lean = method("metric/gradmap_verify", candidates=2, **LEAN).select(model, calib, 2, Cost())
     assert lean.removed == plain.removed
     for a, b in zip(lean.decisions, plain.decisions):
         torch.testing.assert_close(torch.tensor([x for x in a.gradient_scores if x is not None]),
@@ -114,14 +112,14 @@ def test_checkpointing_keeps_dropout_off():
     """Checkpointing sets only the decoder layers' own training flags, so attention dropout stays off."""
     model = tiny_random_llama(vocab_size=VOCAB, num_layers=3, attention_dropout=0.5)
     calib = Calibration(ids(rows=2, seq=10), batch_size=2)
-    a = GradMAPMetric(**LEAN).score(model, calib, Cost())
-    b = GradMAPMetric(**LEAN).score(model, calib, Cost())
+    a = method("metric/gradmap", **LEAN).score(model, calib, Cost())
+    b = method("metric/gradmap", **LEAN).score(model, calib, Cost())
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    torch.testing.assert_close(a, GradMAPMetric(**PLAIN).score(model, calib, Cost()), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(a, method("metric/gradmap", **PLAIN).score(model, calib, Cost()), rtol=1e-4, atol=1e-9)
 
 
 def test_loss_chunk_tokens_is_checked():
     from gradmap.errors import ConfigError
 
     with pytest.raises(ConfigError, match="loss_chunk_tokens"):
-        GradMAPMetric(loss_chunk_tokens=-1)
+        method("metric/gradmap", loss_chunk_tokens=-1)

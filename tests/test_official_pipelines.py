@@ -19,8 +19,7 @@ from gradmap.data import Calibration
 from gradmap.models import tiny_random_llama
 from gradmap.stages import Cost, count_forward_tokens
 from gradmap.targets import KEY_TARGETS
-from methods.baselines.ppl import PerplexityDrop
-from methods.baselines.sleb import SLEB
+from tests.tiny_models import method
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +69,7 @@ def test_sleb_scores_only_removable_blocks(protect):
     layers, prune = 8, 3
     first, last = protect
     model, calib = tiny_random_llama(num_layers=layers, seed=0), make_calib()
-    sel, cost, calls = counted(SLEB(protect_first=first, protect_last=last), model, calib, prune)
+    sel, cost, calls = counted(method("metric/sleb", protect_first=first, protect_last=last), model, calib, prune)
     candidates = [layers - first - last - step for step in range(prune)]  # present minus protected, per decision
     assert calls == sum(candidates) * calib.num_batches
     assert cost.forward_tokens == sum(candidates) * calib.num_tokens and cost.backward_tokens == 0
@@ -89,8 +88,8 @@ def test_sleb_selects_what_it_selected_before(seed):
     """Before the fix SLEB also scored its protected blocks (the PPL loop, iterative, same protection): the removal
     order and every score of a removable block are the same floats; only the protected blocks' scores are gone."""
     model, calib = tiny_random_llama(num_layers=8, seed=seed), make_calib(seed)
-    new, new_cost, _ = counted(SLEB(), model, calib, 4)
-    old, old_cost, _ = counted(PerplexityDrop(iterative=True, protect_first=1, protect_last=1), model, calib, 4)
+    new, new_cost, _ = counted(method("metric/sleb"), model, calib, 4)
+    old, old_cost, _ = counted(method("metric/ppl", iterative=True, protect_first=1, protect_last=1), model, calib, 4)
     assert new.removed == old.removed
     for n, o in zip(new.decisions, old.decisions):
         assert n.scores == [s if 0 < i < 7 else None for i, s in enumerate(o.scores)]
@@ -101,7 +100,7 @@ def test_sleb_selects_what_it_selected_before(seed):
 def test_sleb_matches_the_official_search_loop(protect):
     model, calib = tiny_random_llama(num_layers=7, seed=3), make_calib(3, batch_size=4)  # one batch: one loss
     order, scored = official_sleb_order(model, calib.input_ids, 3, *protect)
-    sel, cost, _ = counted(SLEB(protect_first=protect[0], protect_last=protect[1]), model, calib, 3)
+    sel, cost, _ = counted(method("metric/sleb", protect_first=protect[0], protect_last=protect[1]), model, calib, 3)
     assert sel.removed == order
     assert cost.forward_tokens == scored * calib.num_tokens
 

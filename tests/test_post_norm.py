@@ -13,10 +13,8 @@ from gradmap.data import Calibration
 from gradmap.models import tiny_random_llama
 from gradmap.post_norm import direction_error, fit_channel_scale, fit_direction, gain_offset, post_mlp_norm, scale_error
 from gradmap.stages import Cost
-from methods.baselines.prune_and_comp import PruneAndComp, is_sandwich, scale_prefix
-from methods.baselines.replaceme import ReplaceMe
-from methods.gradmap.projection import ProjectionCompensation
-from tests.tiny_models import tiny_gemma3
+from methods.baselines.prune_and_comp import is_sandwich, scale_prefix
+from tests.tiny_models import method, tiny_gemma3
 
 MODES = ("norm_scale", "direction_approx", "direction_approx_norm_scale")
 
@@ -55,12 +53,14 @@ def test_channel_scale_and_direction_fits_are_the_least_squares_solutions():
 def test_projection_refuses_a_post_mlp_norm_unless_told_how_to_fold():
     model = tiny_gemma3()
     with pytest.raises(IncompatibleCompensationError, match="compensation.post_norm"):
-        ProjectionCompensation(post_norm="refuse").check_compatible(model, [])
+        method("compensation/projection", post_norm="refuse").check_compatible(model, [])
     with pytest.raises(IncompatibleCompensationError, match="compensation.post_norm"):
-        ReplaceMe().check_compatible(model, [])  # official ReplaceMe has no such case: refused by default
+        # official ReplaceMe has no such case: refused by default
+        method("compensation/replaceme").check_compatible(model, [])
     for mode in MODES:
-        ProjectionCompensation(post_norm=mode).check_compatible(model, [])
-    assert ProjectionCompensation().post_norm == "direction_approx"  # the default chosen on validation (README)
+        method("compensation/projection", post_norm=mode).check_compatible(model, [])
+    # The default chosen on validation (README).
+    assert method("compensation/projection").post_norm == "direction_approx"
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -71,7 +71,7 @@ def test_post_norm_fold_lowers_the_site_error_and_saves_a_standard_checkpoint(mo
 
     model, calib = tiny_gemma3(num_layers=6), _calib()
     removed = surgery.remove_layers(model, [2, 3])
-    comp = ProjectionCompensation(post_norm=mode, guard="none", alpha=0.1)
+    comp = method("compensation/projection", post_norm=mode, guard="none", alpha=0.1)
     report = comp.apply(model, removed, calib, Cost())
     (site,) = report["sites"]
     assert site["post_norm"] == mode and site["original_layer"] == 1
@@ -100,7 +100,7 @@ def test_post_norm_setting_leaves_models_without_the_norm_bit_identical():
     for mode in ("refuse", "direction_approx_norm_scale"):
         model, calib = tiny_random_llama(), _calib(vocab=256)
         removed = surgery.remove_layers(model, [2, 3])
-        report = ProjectionCompensation(post_norm=mode).apply(model, removed, calib, Cost())
+        report = method("compensation/projection", post_norm=mode).apply(model, removed, calib, Cost())
         runs.append((model.state_dict(), report))
     (a, ra), (b, rb) = runs
     assert all(torch.equal(a[k], b[k]) for k in a) and ra == rb and "post_norm" not in ra
@@ -113,7 +113,7 @@ def test_prune_and_comp_scale_is_exact_on_sandwich_layers():
         if hasattr(module, "eps"):
             module.eps = 1e-14
     assert is_sandwich(model.model.layers[0])
-    PruneAndComp().check_compatible(model, [])
+    method("compensation/prune_and_comp").check_compatible(model, [])
     model.config.tie_word_embeddings = False
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     ids = calib.input_ids[:4]
@@ -135,13 +135,13 @@ def test_replaceme_and_prune_and_comp_run_on_a_post_norm_model():
     gains of the norms after attention and MLP, exactly the fitted scale)."""
     model, calib = tiny_gemma3(num_layers=6), _calib()
     removed = surgery.remove_layers(model, [2, 3])
-    report = ReplaceMe(alpha=0.1, post_norm="norm_scale").apply(model, removed, calib, Cost())
+    report = method("compensation/replaceme", alpha=0.1, post_norm="norm_scale").apply(model, removed, calib, Cost())
     assert report["method"] == "ReplaceMe lstsq" and report["sites"][0]["post_norm"] == "norm_scale"
     assert report["final_rel_error_after"] < report["final_rel_error_before"]
     model = tiny_gemma3(num_layers=6)
     norms_before = model.model.layers[1].post_feedforward_layernorm.weight.detach().clone()
     removed = surgery.remove_layers(model, [2, 3])
-    report = PruneAndComp(iterative=False).apply(model, removed, calib, Cost())
+    report = method("compensation/prune_and_comp", iterative=False).apply(model, removed, calib, Cost())
     (site,) = report["sites"]
     assert site["scale"] != 1.0 and report["untied_embeddings"]
     g = site["scale"] * (1 + norms_before)  # Gemma's gain is 1 + weight

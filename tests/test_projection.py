@@ -26,14 +26,19 @@ from gradmap.data import Calibration
 from gradmap.models import tiny_random_llama
 from gradmap.stages import Cost
 from methods.gradmap.projection import (
-    ProjectionCompensation,
     choose_sites,
     fit_projection,
     fold_projection,
     shift_value,
 )
+from tests.tiny_models import method
 
 VOCAB = 128
+
+
+def projection(**options):
+    """conf/compensation/projection.yaml's object, with `options` changed."""
+    return method("compensation/projection", **options)
 
 
 def rand(*shape, seed=0):
@@ -223,7 +228,7 @@ def test_projection_lowers_the_final_layer_error(arch, drop):
     names_shapes = [(k, v.shape) for k, v in model.named_parameters()]
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    report = ProjectionCompensation(sites="largest").apply(model, removed, calib, Cost())
+    report = projection(sites="largest").apply(model, removed, calib, Cost())
 
     pruned_after = layer_outputs(model, list(surgery.get_decoder_layers(model)), calib)
     after = rel_sq_error([b[len(kept) - 1] for b in pruned_after], [b[n - 1] for b in dense_out])
@@ -250,7 +255,7 @@ def test_guard_undoes_a_fold_that_raises_the_final_error(monkeypatch, guard):
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setattr("methods.gradmap.projection.fit_projection",
                         lambda yty, ytt, alpha: 8.0 * torch.eye(yty.shape[0], dtype=torch.float64))
-    report = ProjectionCompensation(sites="before_gap", guard=guard).apply(model, removed, calib, Cost())
+    report = projection(sites="before_gap", guard=guard).apply(model, removed, calib, Cost())
     assert [s["kept_position"] for s in report["sites"]] == [0, 2]
     if guard == "final_error":
         assert [s["kept"] for s in report["sites"]] == [False, False]
@@ -269,7 +274,7 @@ def test_guarded_projection_never_raises_the_final_error(seed, alpha):
     model = build("llama")
     calib = make_calib(seed)
     removed = surgery.remove_layers(model, [[1, 2, 4], [0, 3], [2, 5]][seed])
-    report = ProjectionCompensation(sites="before_gap", alpha=alpha).apply(model, removed, calib, Cost())
+    report = projection(sites="before_gap", alpha=alpha).apply(model, removed, calib, Cost())
     assert report["final_rel_error_after"] <= report["final_rel_error_before"] * (1 + 1e-9)
     kept_errors = [s["final_rel_error_with_fold"] for s in report["sites"] if s["kept"]]
     assert kept_errors == sorted(kept_errors, reverse=True)  # each kept fold lowered it further
@@ -284,7 +289,7 @@ def test_guard_costs_no_forward_pass_when_every_fold_is_kept():
         removed = surgery.remove_layers(model, [1, 4])
         cost = Cost()
         with count_forward_tokens(model, cost):
-            report = ProjectionCompensation(sites="before_gap", guard=guard).apply(model, removed, make_calib(), cost)
+            report = projection(sites="before_gap", guard=guard).apply(model, removed, make_calib(), cost)
         results[guard] = (cost.forward_tokens, model.state_dict(), report)
     assert all(s["kept"] for s in results["final_error"][2]["sites"])
     assert results["final_error"][0] == results["none"][0]
@@ -301,7 +306,7 @@ def test_largest_site_is_the_argmax_of_the_reported_shifts():
         removed = surgery.remove_layers(model, drop)
         kept = [0, 1, 4, 5]
         pruned_out = layer_outputs(model, list(model.model.layers), calib)
-        report = ProjectionCompensation(sites="largest", shift=measure).apply(model, removed, calib, Cost())
+        report = projection(sites="largest", shift=measure).apply(model, removed, calib, Cost())
         shifts = report["shift_per_kept_layer"]
         assert list(shifts) == [str(k) for k in kept]
         expected = independent_shifts(dense_out, pruned_out, kept, 6, measure)
@@ -322,7 +327,7 @@ def test_before_gap_picks_exactly_the_kept_layers_before_gaps(drop, expected_sit
     independent = [k for k in kept if k + 1 in drop]
     assert independent == expected_sites
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = ProjectionCompensation(sites="before_gap").apply(model, removed, calib, Cost())
+    report = projection(sites="before_gap").apply(model, removed, calib, Cost())
     assert [s["original_layer"] for s in report["sites"]] == expected_sites
     changed = sorted(k for k, v in model.state_dict().items() if not torch.equal(v, state_before[k]))
     assert changed == [f"model.layers.{kept.index(k)}.mlp.down_proj.weight" for k in expected_sites]
@@ -335,7 +340,7 @@ def test_before_gap_picks_exactly_the_kept_layers_before_gaps(drop, expected_sit
 def test_topk_picks_the_k_largest_shifts_in_depth_order():
     model = build("llama")
     removed = surgery.remove_layers(model, [1, 3])
-    report = ProjectionCompensation(sites="topk", top_k=2).apply(model, removed, make_calib(), Cost())
+    report = projection(sites="topk", top_k=2).apply(model, removed, make_calib(), Cost())
     shifts = list(report["shift_per_kept_layer"].values())
     top2 = sorted(sorted(range(len(shifts)), key=lambda j: -shifts[j])[:2])
     assert [s["kept_position"] for s in report["sites"]] == top2
@@ -344,7 +349,7 @@ def test_topk_picks_the_k_largest_shifts_in_depth_order():
 def test_nothing_removed_is_a_no_op():
     model = build("llama")
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    report = ProjectionCompensation().apply(model, {}, make_calib(), Cost())
+    report = projection().apply(model, {}, make_calib(), Cost())
     assert report["sites"] == []
     surgery.assert_same_weights(state, model.state_dict())
     assert surgery.num_layers(model) == 6
@@ -354,7 +359,7 @@ def test_compensation_leaves_no_hooks_and_keeps_the_layer_structure():
     model = build("llama")
     removed = surgery.remove_layers(model, [2])
     order = [id(x) for x in model.model.layers]
-    ProjectionCompensation(sites="topk", top_k=3).apply(model, removed, make_calib(), Cost())
+    projection(sites="topk", top_k=3).apply(model, removed, make_calib(), Cost())
     assert [id(x) for x in model.model.layers] == order
     assert model.config.num_hidden_layers == 5
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == list(range(5))
@@ -367,11 +372,11 @@ def test_compensation_leaves_no_hooks_and_keeps_the_layer_structure():
 
 def test_invalid_options_name_the_allowed_values():
     with pytest.raises(ValueError, match=r"sites='everywhere'.*largest.*topk.*before_gap"):
-        ProjectionCompensation(sites="everywhere")
+        projection(sites="everywhere")
     with pytest.raises(ValueError, match=r"shift='max'.*mean.*rms"):
-        ProjectionCompensation(shift="max")
+        projection(shift="max")
     with pytest.raises(ValueError, match="alpha"):
-        ProjectionCompensation(alpha=-1.0)
+        projection(alpha=-1.0)
     with pytest.raises(ValueError, match=r"largest.*topk.*before_gap"):
         choose_sites("nope", [0.1], [0], [0])
     with pytest.raises(ValueError, match=r"mean.*rms"):
@@ -387,6 +392,6 @@ def test_gemma3_post_mlp_norm_is_refused():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     removed = surgery.remove_layers(model, [1])
     with pytest.raises(IncompatibleCompensationError, match="post_feedforward_layernorm"):
-        ProjectionCompensation(post_norm="refuse").apply(model, removed, make_calib(), Cost())
+        projection(post_norm="refuse").apply(model, removed, make_calib(), Cost())
     with surgery.dense_view(model, removed):
         surgery.assert_same_weights(state, model.state_dict())

@@ -3,7 +3,6 @@ and its options (one-shot ablation, token-L2 ratio), on the tiny random Llama.""
 
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 
@@ -20,17 +19,20 @@ from gradmap.metric import LayerMetric
 from gradmap.models import tiny_random_llama
 from gradmap.selection import Selection
 from gradmap.stages import Cost
-from methods.baselines.angular import AngularSpan
-from methods.baselines.bi import BlockInfluence
 from methods.baselines.prune_and_comp import (
     RESIDUAL_WRITERS,
-    PruneAndComp,
     channel_magnitude_ratio,
     magnitude_ratio,
     scale_prefix,
 )
+from tests.tiny_models import method
 
 YAML = Path(__file__).resolve().parents[1] / "conf" / "compensation" / "prune_and_comp.yaml"
+
+
+def prune_and_comp(**options):
+    """conf/compensation/prune_and_comp.yaml's object, with `options` changed."""
+    return method("compensation/prune_and_comp", **options)
 
 
 def make_calib(seed: int = 0) -> Calibration:
@@ -58,7 +60,7 @@ class Scripted(LayerMetric):
     and the layer count it saw."""
 
     def __init__(self, model, order):
-        super().__init__()
+        super().__init__(iterative=False, protect_first=0, protect_last=0)
         self.ids = {id(layer): i for i, layer in enumerate(surgery.get_decoder_layers(model))}
         self.order, self.seen = list(order), []
 
@@ -92,9 +94,9 @@ def test_channel_ratio_is_the_per_sequence_per_channel_mean_abs_ratio():
 # ----------------------------------------------------------------------------- (2) rescoring after compensation
 
 def test_each_decision_rescores_the_compensated_model():
-    calib, metric = make_calib(), BlockInfluence()  # the official CosSim(BI) pairing
+    calib, metric = make_calib(), method("metric/bi")  # the official CosSim(BI) pairing
     model = tiny_random_llama(num_layers=6)
-    selection, report = PruneAndComp().prune_iteratively(model, metric, calib, 2, Cost())
+    selection, report = prune_and_comp().prune_iteratively(model, metric, calib, 2, Cost())
     first, second = selection.removed
     site0, site1 = report["sites"]
     assert report["procedure"] == "iterative" and len(selection.decisions) == 2
@@ -130,7 +132,7 @@ def test_original_indices_and_final_model_are_remove_layers_plus_the_folds():
     calib = make_calib()
     model = tiny_random_llama(num_layers=6)
     metric = Scripted(model, [3, 1, 5])
-    selection, report = PruneAndComp().prune_iteratively(model, metric, calib, 3, Cost())
+    selection, report = prune_and_comp().prune_iteratively(model, metric, calib, 3, Cost())
 
     assert metric.seen == [6, 5, 4]  # one scoring pass per decision, each on the pruned model
     assert selection.removed == [3, 1, 5] and [d.removed for d in selection.decisions] == [[3], [1], [5]]
@@ -161,11 +163,11 @@ def test_original_indices_and_final_model_are_remove_layers_plus_the_folds():
 def test_resume_replays_cached_decisions_without_rescoring():
     calib = make_calib()
     full_model = tiny_random_llama(num_layers=6)
-    full, _ = PruneAndComp().prune_iteratively(full_model, Scripted(full_model, [3, 1, 5]), calib, 3, Cost())
+    full, _ = prune_and_comp().prune_iteratively(full_model, Scripted(full_model, [3, 1, 5]), calib, 3, Cost())
     model = tiny_random_llama(num_layers=6)
     metric = Scripted(model, [5])  # only the third decision is scored
     cached = Selection(removed=full.removed[:2], decisions=full.decisions[:2])
-    selection, report = PruneAndComp().prune_iteratively(model, metric, calib, 3, Cost(), resume=cached)
+    selection, report = prune_and_comp().prune_iteratively(model, metric, calib, 3, Cost(), resume=cached)
     assert metric.seen == [4] and selection.removed == [3, 1, 5]
     assert [s["replayed"] for s in report["sites"]] == [True, True, False]
     surgery.assert_same_weights(full_model.state_dict(), model.state_dict())
@@ -177,7 +179,7 @@ def test_tied_embeddings_are_untied_once():
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     head = model.lm_head.weight.detach().clone()
-    selection, report = PruneAndComp().prune_iteratively(model, Scripted(model, [2, 0]), Calibration(
+    selection, report = prune_and_comp().prune_iteratively(model, Scripted(model, [2, 0]), Calibration(
         torch.randint(0, 64, (4, 8)), 2), 2, Cost())
     assert report["untied_embeddings"] and report["extra_parameters"] == 64 * 16
     torch.testing.assert_close(model.lm_head.weight, head)  # the LM head is not scaled
@@ -188,7 +190,7 @@ def test_tied_embeddings_are_untied_once():
 def test_span_metrics_remove_one_block_and_compensate_it_once():
     calib = make_calib()
     model = tiny_random_llama(num_layers=6)
-    selection, report = PruneAndComp().prune_iteratively(model, AngularSpan(), calib, 2, Cost())
+    selection, report = prune_and_comp().prune_iteratively(model, method("metric/angular"), calib, 2, Cost())
     (decision,) = selection.decisions
     (site,) = report["sites"]
     a, b = sorted(selection.removed)
@@ -199,8 +201,8 @@ def test_span_metrics_remove_one_block_and_compensate_it_once():
 # ------------------------------------------------------------------------------------- (4) one-shot ablation
 
 def test_iterative_false_reproduces_the_one_shot_path():
-    comp = PruneAndComp(iterative=False, ratio="token_l2")
-    assert comp.interleaved is False and PruneAndComp().interleaved is True
+    comp = prune_and_comp(iterative=False, ratio="token_l2")
+    assert comp.interleaved is False and prune_and_comp().interleaved is True
     calib, remove = make_calib(), [1, 2, 4]  # two gaps: the second is measured after the first is compensated
     model = tiny_random_llama(num_layers=6)
     report = comp.apply(model, surgery.remove_layers(model, remove), calib, Cost())
@@ -227,7 +229,7 @@ def test_iterative_false_reproduces_the_one_shot_path():
 
     # The default ratio on the same one-shot path: the per-channel mean |x| ratio of the same states.
     model = tiny_random_llama(num_layers=6)
-    report = PruneAndComp(iterative=False).apply(model, surgery.remove_layers(model, [3]), calib, Cost())
+    report = prune_and_comp(iterative=False).apply(model, surgery.remove_layers(model, [3]), calib, Cost())
     ref = tiny_random_llama(num_layers=6)
     ins, outs = io_states(ref, calib, 3)
     assert report["sites"][0]["scale"] == pytest.approx(channel_magnitude_ratio(outs, ins)[0], rel=1e-12)
@@ -235,17 +237,15 @@ def test_iterative_false_reproduces_the_one_shot_path():
 
 def test_apply_with_the_iterative_default_says_it_ran_one_shot():
     model = tiny_random_llama(num_layers=6)
-    report = PruneAndComp().apply(model, surgery.remove_layers(model, [2]), make_calib(), Cost())
+    report = prune_and_comp().apply(model, surgery.remove_layers(model, [2]), make_calib(), Cost())
     assert report["procedure"] == "one_shot" and "prune_iteratively" in report["note"]
 
 
-def test_yaml_defaults_are_the_constructor_defaults_and_official():
+def test_yaml_defaults_are_official():
     cfg = OmegaConf.load(YAML)
-    params = inspect.signature(PruneAndComp.__init__).parameters
     args = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "_target_"}
-    assert args == {name: p.default for name, p in params.items() if name != "self"}
     assert args == {"iterative": True, "ratio": "channel_mean_abs"}
     comp = hydra.utils.instantiate(cfg)
     assert comp.interleaved and comp.ratio == "channel_mean_abs"
     with pytest.raises(ValueError, match="channel_mean_abs, token_l2"):
-        PruneAndComp(ratio="l2")
+        prune_and_comp(ratio="l2")

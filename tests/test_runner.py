@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -168,7 +169,10 @@ def test_incompatible_pairing_is_refused_before_scoring(tmp_path, monkeypatch):
     assert rec["error"]["key"] == "compensation" and "refuses" in rec["error"]["message"]
 
 
+@dataclass(eq=False)
 class RefusingCompensation:
+    """A user's compensation without options (a dataclass with no fields, as every config class is)."""
+
     def check_compatible(self, model, removed):
         from gradmap.compensation import IncompatibleCompensationError
 

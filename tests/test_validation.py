@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +12,7 @@ from omegaconf import OmegaConf
 
 from gradmap.cache import CacheEntryError, check_selection_entry
 from gradmap.evaluation import Evaluation
+from gradmap.schema import check_fields, option
 from gradmap.targets import shipped_targets
 from gradmap.validation import (
     ConfigError,
@@ -23,6 +25,7 @@ from gradmap.validation import (
     num_to_prune,
     validate,
 )
+from methods.gradmap.projection import ProjectionCompensation
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -69,17 +72,35 @@ def test_num_to_prune():
 
 @pytest.mark.parametrize("group", ["metric", "compensation"])
 def test_every_shipped_metric_and_compensation_matches_its_class(group):
-    """Each YAML's keys are parameters of its class with the annotated types (what validation checks)."""
+    """Each YAML's keys are the option fields of its class, with their types and ranges (what validation checks)."""
     for path in sorted((CONF / group).glob("*.yaml")):
         node = OmegaConf.to_container(OmegaConf.load(path))
         assert check_component(group, node) is not None, path.name
 
 
+@dataclass(eq=False)
 class OptionalKnobs:
-    """A user component whose constructor annotates optional values both ways (`X | None` and Optional[X])."""
+    """A user component whose option fields annotate optional values both ways (`X | None` and Optional[X])."""
 
-    def __init__(self, width: int | None = None, name: Optional[str] = None):
-        self.width, self.name = width, name
+    width: int | None = option(ge=1)
+    name: Optional[str] = option()
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+class PlainKnobs:
+    """A user component whose options are constructor parameters, not dataclass fields."""
+
+    def __init__(self, width: int = 1):
+        self.width = width
+
+
+class Subclassed(ProjectionCompensation):
+    """A subclass of a dataclass that takes its options in its own __init__: not itself a dataclass."""
+
+    def __init__(self, width: int = 1):
+        super().__init__(sites="largest", top_k=1, shift="mean", alpha=0.0, guard="none", post_norm="refuse")
 
 
 @pytest.mark.parametrize("key, value, ok", [("width", 3, True), ("width", None, True), ("name", "a", True),
@@ -92,6 +113,41 @@ def test_component_optional_annotations_are_checked(key, value, ok, monkeypatch)
     else:
         with pytest.raises(ConfigError, match=rf"^metric\.{key}="):
             check_component("metric", node)
+
+
+def test_a_component_declares_its_options_as_dataclass_fields(monkeypatch):
+    """One schema mechanism: a class that is not itself a dataclass of option() fields is refused in one line (a
+    subclass of a shipped dataclass with its own __init__ too), never introspected."""
+    monkeypatch.setenv("GRADMAP_ALLOW_TARGETS", f"{__name__}.PlainKnobs,{__name__}.Subclassed")
+    for name in ("PlainKnobs", "Subclassed"):
+        with pytest.raises(ConfigError, match=rf"^compensation._target_='{__name__}.{name}': {name} does not "
+                                              r"declare its options as dataclass fields; allowed: .*option"):
+            check_component("compensation", {"_target_": f"{__name__}.{name}", "width": 1})
+
+
+def test_an_object_built_in_python_is_checked_as_a_config_node():
+    """The base classes' __post_init__ check every option (`check_fields`) as validation checks the node: same key,
+    value and allowed values, relative to the group."""
+    from tests.tiny_models import method
+
+    for yaml, key, value, line in [
+            ("metric/gradmap", "protect_first", -1, "protect_first=-1: out of range; allowed: an integer >= 0"),
+            ("metric/bi", "iterative", "yes", "iterative='yes': not a boolean; allowed: true or false"),
+            ("metric/taylor", "parameters", "some", "parameters='some' is not valid; allowed: weights, all"),
+            ("compensation/projection", "top_k", 1.5, "top_k=1.5: not an integer (a fraction); allowed: an integer "
+                                                      ">= 1"),
+            ("compensation/streamline_ffn", "lr", 0, "lr=0: out of range; allowed: a number > 0")]:
+        with pytest.raises(ConfigError) as err:
+            method(yaml, **{key: value})
+        assert str(err.value) == line
+        group = yaml.split("/")[0]
+        node = {**OmegaConf.to_container(OmegaConf.load(CONF / f"{yaml}.yaml")), key: value}
+        with pytest.raises(ConfigError) as err:
+            check_component(group, node, build=False)
+        assert str(err.value) == f"{group}.{line}"
+    assert OptionalKnobs(width=None, name="a").width is None
+    with pytest.raises(ConfigError, match=r"^width=0: out of range"):
+        OptionalKnobs(width=0, name=None)
 
 
 def test_every_model_calibration_eval_and_logger_option_builds_its_config_class(tmp_path):

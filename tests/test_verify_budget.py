@@ -22,14 +22,18 @@ from gradmap.errors import ConfigError
 from gradmap.models import tiny_random_llama
 from gradmap.selection import Selection
 from gradmap.stages import Cost, count_forward_tokens
-from methods.baselines.sleb import SLEB
-from methods.gradmap.metric import GradMAPMetric
 from methods.gradmap.verify import GradMAPVerify
 from methods.gradmap.verify_budget import first_windows, halving_windows, loss_positions, loss_sum, window_order
 from tests.model_state import assert_unchanged, snapshot
+from tests.tiny_models import method
 
 LAYERS, PRUNE, WINDOWS, SEQ = 8, 3, 8, 16
 N, T = WINDOWS * SEQ, SEQ  # calibration tokens, tokens per window
+
+
+def gradmap_verify(**options):
+    """conf/metric/gradmap_verify.yaml's object, with `options` changed."""
+    return method("metric/gradmap_verify", **options)
 
 
 def make_model() -> nn.Module:
@@ -89,12 +93,12 @@ def test_unlimited_budget_is_exact_verification():
     """f=1 (any window order): today's gradmap_verify, against a reference written out here (GradMAP screen, the
     k lowest prunable, SLEB's perplexity of each, the lowest removed)."""
     model, calib, k = make_model(), make_calib(), 3
-    sel = GradMAPVerify(candidates=k, verify_fraction=1.0, verify_seed=7).select(model, calib, PRUNE, Cost())
+    sel = gradmap_verify(candidates=k, verify_fraction=1.0, verify_seed=7).select(model, calib, PRUNE, Cost())
     removed: list[int] = []
     for d in sel.decisions:
         kept = surgery.kept_indices(LAYERS, removed)
         with surgery.layers_removed(model, sorted(removed)):
-            screen = GradMAPMetric(target="activations", reduction="first_order").score(model, calib, Cost()).tolist()
+            screen = method("metric/gradmap").score(model, calib, Cost()).tolist()
             order = sorted((i for i in kept if 1 <= i <= LAYERS - 2), key=lambda i: (screen[kept.index(i)], i))[:k]
             ppl = {}
             for c in order:
@@ -104,15 +108,15 @@ def test_unlimited_budget_is_exact_verification():
         assert {c: d.scores[c] for c in order} == ppl  # bit for bit
         assert d.removed == [min(order, key=lambda c: (ppl[c], c))]
         removed += d.removed
-    default = GradMAPVerify(candidates=k).select(model, calib, PRUNE, Cost())
+    default = gradmap_verify(candidates=k).select(model, calib, PRUNE, Cost())
     assert sel.removed == removed == default.removed
     assert [d.scores for d in sel.decisions] == [d.scores for d in default.decisions]
 
 
 def test_unlimited_budget_all_candidates_is_sleb():
     model, calib = make_model(), make_calib()
-    sleb = SLEB().select(model, calib, PRUNE, Cost())
-    sel, cost = counted_select(GradMAPVerify(candidates=LAYERS, verify_fraction=1.0, verify_seed=3), model, calib,
+    sleb = method("metric/sleb").select(model, calib, PRUNE, Cost())
+    sel, cost = counted_select(gradmap_verify(candidates=LAYERS, verify_fraction=1.0, verify_seed=3), model, calib,
                                PRUNE)
     assert sel.removed == sleb.removed
     for d, s in zip(sel.decisions, sleb.decisions):
@@ -124,7 +128,7 @@ def test_unlimited_budget_all_candidates_is_sleb():
 
 def test_halving_decisions_against_independent_computation():
     model, calib, k, f = make_model(), make_calib(), 4, 0.25  # rounds: 4 candidates on 2 windows, 2 on 4
-    sel = GradMAPVerify(candidates=k, verify_fraction=f, verify_seed=5).select(model, calib, PRUNE, Cost())
+    sel = gradmap_verify(candidates=k, verify_fraction=f, verify_seed=5).select(model, calib, PRUNE, Cost())
     order = window_order(WINDOWS, 5)
     removed: list[int] = []
     for d in sel.decisions:
@@ -164,7 +168,7 @@ CASES = {
 def test_token_counts_by_formula(case):
     options, fwd, bwd = CASES[case]
     model, calib = make_model(), make_calib()
-    sel, cost = counted_select(GradMAPVerify(**options), model, calib, PRUNE)
+    sel, cost = counted_select(gradmap_verify(**options), model, calib, PRUNE)
     assert (cost.forward_tokens, cost.backward_tokens) == (fwd, bwd)
     assert sel.cost == {"forward_tokens": fwd, "backward_tokens": bwd}
     split = GradMAPVerify.cost_split(sel)
@@ -180,7 +184,7 @@ def test_token_counts_by_formula(case):
 
 def test_reused_screen_ranks_remaining_layers_by_the_last_screen():
     model, calib = make_model(), make_calib()
-    sel = GradMAPVerify(candidates=2, screen_every=2).select(model, calib, PRUNE, Cost())
+    sel = gradmap_verify(candidates=2, screen_every=2).select(model, calib, PRUNE, Cost())
     d0, d1, d2 = sel.decisions
     assert d0.gradient_scores is not None and d2.gradient_scores is not None  # steps 0 and 2 screen
     assert d1.gradient_scores is None and d1.screened_at == 0 and d1.backward_tokens == 0
@@ -194,7 +198,7 @@ def test_rescreen_at_cut():
     for k in (2, 3):
         for seed in (0, 1):
             model = tiny_random_llama(num_layers=LAYERS, seed=seed)
-            sel = GradMAPVerify(candidates=k, screen_every=100, rescreen_at_cut=True).select(model, make_calib(),
+            sel = gradmap_verify(candidates=k, screen_every=100, rescreen_at_cut=True).select(model, make_calib(),
                                                                                              PRUNE, Cost())
             for prev, d in zip(sel.decisions, sel.decisions[1:]):
                 at_cut = prev.removed == prev.verified[-1:]
@@ -205,7 +209,7 @@ def test_rescreen_at_cut():
 
 def test_resume_with_screen_reuse_and_halving():
     model, calib = make_model(), make_calib()
-    metric = GradMAPVerify(candidates=3, verify_fraction=0.25, screen_every=2)
+    metric = gradmap_verify(candidates=3, verify_fraction=0.25, screen_every=2)
     full = metric.select(model, calib, PRUNE, Cost())
     prefix = Selection.from_dict(metric.select(model, calib, 1, Cost()).as_dict())  # as read from the cache
     resumed, cost = counted_select(metric, model, calib, PRUNE, resume=prefix)
@@ -233,7 +237,7 @@ def test_position_loss_against_full_logits(signal):
 
 def test_last_positions_verification_scores():
     model, calib = make_model(), make_calib()
-    sel = GradMAPVerify(candidates=3, verify_signal="last", verify_positions=4).select(model, calib, 1, Cost())
+    sel = gradmap_verify(candidates=3, verify_signal="last", verify_positions=4).select(model, calib, 1, Cost())
     d = sel.decisions[0]
     pos = torch.arange(SEQ - 5, SEQ - 1)
     for c in d.verified:
@@ -247,7 +251,7 @@ def test_model_unchanged_with_budget_options():
     model, calib = make_model(), make_calib()
     model.model.norm.train()
     before = snapshot(model)
-    GradMAPVerify(candidates=3, verify_fraction=0.25, screen_every=2, rescreen_at_cut=True, verify_signal="random",
+    gradmap_verify(candidates=3, verify_fraction=0.25, screen_every=2, rescreen_at_cut=True, verify_signal="random",
                   verify_positions=6).select(model, calib, PRUNE, Cost())
     assert_unchanged(before, snapshot(model))
 
@@ -257,12 +261,12 @@ def test_model_unchanged_with_budget_options():
                                        ("verify_signal", "middle"), ("verify_seed", 1.5)])
 def test_bad_budget_option_refused(key, value):
     with pytest.raises(ConfigError, match=f"{key}="):
-        GradMAPVerify(**{key: value})
+        gradmap_verify(**{key: value})
 
 
 def test_too_many_positions_refused_before_work():
     model, calib = make_model(), make_calib()
     cost = Cost()
     with pytest.raises(ConfigError, match=f"verify_positions=16.*1..{SEQ - 1}"):
-        GradMAPVerify(verify_signal="last", verify_positions=16).select(model, calib, 1, cost)
+        gradmap_verify(verify_signal="last", verify_positions=16).select(model, calib, 1, cost)
     assert cost.backward_tokens == 0

@@ -1,10 +1,37 @@
 """Tiny models and a tiny tokenizer for the tests that need another family than the tiny Llama: a random
 Gemma-3 (post-MLP norm, sandwich norms, tied embeddings) and a word-level tokenizer with a `<bos>` token, built
-locally (nothing is downloaded)."""
+locally (nothing is downloaded). And `method`: a metric or compensation built from its shipped YAML (the only place
+its option values come from), with some options changed."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def method(option: str, **overrides: Any) -> Any:
+    """The object `conf/<option>.yaml` builds (option: "metric/gradmap", "compensation/projection", ...), with
+    `overrides` replacing some of its values (each must be a key of the YAML). Built with Hydra's `instantiate`, as a
+    run builds it; an error the class raises (ConfigError for a bad value) is raised as is."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(OmegaConf.load(CONF / f"{option}.yaml"), resolve=True)
+    unknown = sorted(set(overrides) - set(node))
+    if unknown:
+        raise KeyError(f"conf/{option}.yaml has no key {', '.join(unknown)}")
+    node.update(overrides)
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        if err.__cause__ is None:
+            raise
+        raise err.__cause__ from None
 
 WORDS = ("the of and a to in is was for on as with by he at from his an were are which this be or has its "
          "one first new two their after who had been also not it but they her she more year city most other").split()

@@ -1,4 +1,4 @@
-"""Helpers shared by the similarity baselines (BI, LLM-Streamline, angular distance): option checking, token
+"""Helpers shared by the similarity baselines (BI, LLM-Streamline, angular distance): allowed option values, token
 selection, cosine similarity, hidden-state distances, span selection."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from gradmap.grad_state import eval_mode
 from gradmap.metric import LayerMetric
 from gradmap.models import model_device
 from gradmap.module_paths import FINAL_NORMS, first_path
+from gradmap.schema import option
 from gradmap.selection import DecisionCallback, DecisionTimer, Selection, SelectionKind
 from gradmap.stages import Cost
 
@@ -25,18 +27,6 @@ ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TOKENS = ("all", "last")
 # h_L, the last layer's output: as is, or after the final norm (what HF's `output_hidden_states` returns last).
 LAST_STATES = ("final_norm", "raw")
-
-
-def resolve_accum_dtype(name: str) -> torch.dtype:
-    if name not in ACCUM_DTYPES:
-        raise ConfigError("accum_dtype", name, list(ACCUM_DTYPES))
-    return ACCUM_DTYPES[name]
-
-
-def check_choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ConfigError(option, value, list(allowed))
-    return value
 
 
 def select_tokens(hidden: torch.Tensor, tokens: str) -> torch.Tensor:
@@ -79,7 +69,8 @@ def state_distances(model: nn.Module, calib: Calibration, pairs: list[tuple[int,
     with hooks, one forward per micro-batch. Only states that a still-open pair needs are kept, so memory does not
     grow with the number of layers.
     """
-    check_choice("last_state", last_state, LAST_STATES)
+    if last_state not in LAST_STATES:
+        raise ValueError(f"last_state={last_state!r} is not valid; allowed: {', '.join(LAST_STATES)}")
     n = surgery.num_layers(model)
     if not all(0 <= i < j <= n for i, j in pairs):
         raise ValueError(f"state pairs must satisfy 0 <= i < j <= {n}: {pairs}")
@@ -120,8 +111,10 @@ def state_distances(model: nn.Module, calib: Calibration, pairs: list[tuple[int,
     return sums / count
 
 
+@dataclass(eq=False)
 class SpanMetric(LayerMetric):
-    """Base for metrics that remove one contiguous span of `num_prune` layers in a single decision.
+    """Base for metrics that remove one contiguous span of `num_prune` layers in a single decision (never iterative:
+    `iterative` is fixed, no option).
 
     Subclasses set `per_token` (cos -> distance per token, lower = more redundant), and may set `lead` and
     `last_state` (class defaults 0 and `raw`). `select` scores every valid start s of a span s..s+n-1 within the
@@ -137,11 +130,13 @@ class SpanMetric(LayerMetric):
     lead = 0
     last_state = "raw"
 
-    def __init__(self, tokens: str = "all", accum_dtype: str = "float64", protect_first: int = 0,
-                 protect_last: int = 0):
-        super().__init__(iterative=False, protect_first=protect_first, protect_last=protect_last)
-        self.tokens = check_choice("tokens", tokens, TOKENS)
-        self.accum_dtype, self.dtype = accum_dtype, resolve_accum_dtype(accum_dtype)
+    iterative: bool = field(default=False, init=False)
+    tokens: str = option(choices=TOKENS)
+    accum_dtype: str = option(choices=tuple(ACCUM_DTYPES))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.dtype = ACCUM_DTYPES[self.accum_dtype]
 
     @staticmethod
     def per_token(cos: torch.Tensor) -> torch.Tensor:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from gradmap.selection import SelectionKind
 from methods.baselines._common import SpanMetric, angular
 
 
+@dataclass(eq=False)
 class AngularSpan(SpanMetric):
     """Remove the contiguous span of n layers with the smallest angular distance between its input and output.
 
@@ -31,11 +34,6 @@ class AngularSpan(SpanMetric):
 
     name = "angular"
     selection_kind = SelectionKind.SPAN  # one span of exactly n layers
-
-    def __init__(self, tokens: str = "last", accum_dtype: str = "float64", protect_first: int = 0,
-                 protect_last: int = 0):
-        super().__init__(tokens=tokens, accum_dtype=accum_dtype, protect_first=protect_first,
-                         protect_last=protect_last)
 
     @staticmethod
     def per_token(cos: torch.Tensor) -> torch.Tensor:

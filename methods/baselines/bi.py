@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from gradmap import surgery
 from gradmap.data import Calibration
 from gradmap.metric import LayerMetric
+from gradmap.schema import option
 from gradmap.stages import Cost
-from methods.baselines._common import LAST_STATES, TOKENS, angular, check_choice, resolve_accum_dtype, state_distances
+from methods.baselines._common import ACCUM_DTYPES, LAST_STATES, TOKENS, angular, state_distances
 
 DISTANCES = ("cosine", "angular")
 
 
+@dataclass(eq=False)
 class BlockInfluence(LayerMetric):
     """Block Influence (BI) from ShortGPT.
 
@@ -43,14 +47,14 @@ class BlockInfluence(LayerMetric):
 
     name = "bi"
 
-    def __init__(self, distance: str = "cosine", tokens: str = "all", iterative: bool = False,
-                 accum_dtype: str = "float64", last_state: str = "final_norm", protect_first: int = 0,
-                 protect_last: int = 0):
-        super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
-        self.distance = check_choice("distance", distance, DISTANCES)
-        self.tokens = check_choice("tokens", tokens, TOKENS)
-        self.accum_dtype, self.dtype = accum_dtype, resolve_accum_dtype(accum_dtype)
-        self.last_state = check_choice("last_state", last_state, LAST_STATES)
+    distance: str = option(choices=DISTANCES)
+    tokens: str = option(choices=TOKENS)
+    accum_dtype: str = option(choices=tuple(ACCUM_DTYPES))
+    last_state: str = option(choices=LAST_STATES)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.dtype = ACCUM_DTYPES[self.accum_dtype]
 
     def per_token(self, cos: torch.Tensor) -> torch.Tensor:
         return angular(cos) if self.distance == "angular" else 1.0 - cos

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ def calibration_perplexity(model: nn.Module, calib: Calibration) -> float:
     return math.exp(total / count)
 
 
+@dataclass(eq=False)
 class PerplexityDrop(LayerMetric):
     """PPL criterion from Shortened LLaMA: the calibration perplexity of the model with the layer removed.
 
@@ -54,9 +56,6 @@ class PerplexityDrop(LayerMetric):
     """
 
     name = "ppl"
-
-    def __init__(self, protect_first: int, protect_last: int, iterative: bool = False):
-        super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
 
     def score(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
         return removal_perplexities(model, calib, range(surgery.num_layers(model)), self.name)

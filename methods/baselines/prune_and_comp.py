@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,7 +15,6 @@ from gradmap import surgery
 from gradmap.capture import dense_final_states, final_rel_error, layer_io_stats, layer_states
 from gradmap.compensation import IncompatibleCompensationError, InterleavedCompensation
 from gradmap.data import Calibration
-from gradmap.errors import ConfigError
 from gradmap.metric import LayerMetric
 from gradmap.module_paths import (
     POST_SUBLAYER_NORMS,
@@ -25,6 +25,7 @@ from gradmap.module_paths import (
 )
 from gradmap.post_norm import gain_offset, scale_gain
 from gradmap.progress import progress
+from gradmap.schema import option
 from gradmap.selection import Decision, DecisionCallback, Selection, SelectionKind
 from gradmap.stages import Cost
 
@@ -128,6 +129,7 @@ def selects_itself(metric: LayerMetric) -> bool:
     return type(metric).select is not LayerMetric.select
 
 
+@dataclass(eq=False)
 class PruneAndComp(InterleavedCompensation):
     """Prune&Comp: iterative layer pruning with magnitude compensation folded into the remaining weights.
 
@@ -175,7 +177,7 @@ class PruneAndComp(InterleavedCompensation):
     (`untie_embeddings`, reported as `untied_embeddings` and `extra_parameters`; vocab x hidden parameters, e.g. +28M on
     SmolLM2-135M; the official `fuse_scale` scales the shared matrix in place, i.e. the LM head too).
 
-    Args:
+    Options:
         iterative: True (official): the runner must call `prune_iteratively` (`interleaved` is True) instead of
             select -> remove_layers -> apply; False: the one-shot ablation, through `apply`.
         ratio: `channel_mean_abs` (official) or `token_l2`.
@@ -188,12 +190,12 @@ class PruneAndComp(InterleavedCompensation):
 
     name = "prune_and_comp"
 
-    def __init__(self, iterative: bool = True, ratio: str = "channel_mean_abs"):
-        if ratio not in RATIOS:
-            raise ConfigError("ratio", ratio, list(RATIOS))
-        self.iterative = bool(iterative)
+    iterative: bool = option()
+    ratio: str = option(choices=RATIOS)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         self.interleaved = self.iterative
-        self.ratio = ratio
 
     def check_compatible(self, model: nn.Module, removed: list[int]) -> None:
         layer = surgery.get_decoder_layers(model)[0]

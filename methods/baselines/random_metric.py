@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
 from gradmap import surgery
 from gradmap.data import Calibration
 from gradmap.metric import LayerMetric
+from gradmap.schema import option
 from gradmap.stages import Cost
 
 
+@dataclass(eq=False)
 class RandomMetric(LayerMetric):
     """Uniform random scores in [0, 1) from a `torch.Generator` seeded with `seed`; no forward pass.
 
@@ -27,9 +31,8 @@ class RandomMetric(LayerMetric):
 
     name = "random"
 
-    def __init__(self, seed: int = 0, protect_first: int = 0, protect_last: int = 0):
-        super().__init__(iterative=False, protect_first=protect_first, protect_last=protect_last)
-        self.seed = int(seed)
+    iterative: bool = field(default=False, init=False)  # one-shot: rescoring would only draw new numbers
+    seed: int = option()
 
     def score(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed)

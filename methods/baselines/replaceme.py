@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -14,6 +15,7 @@ from gradmap.stages import Cost
 from methods.gradmap.projection import ProjectionCompensation
 
 
+@dataclass(eq=False)
 class ReplaceMe(ProjectionCompensation):
     """ReplaceMe (least-squares variant): GradMAP's projection with one site before every gap and no ridge.
 
@@ -52,8 +54,10 @@ class ReplaceMe(ProjectionCompensation):
 
     name = "replaceme"
 
-    def __init__(self, alpha: float = 0.0, guard: str = "none", post_norm: str = "refuse"):
-        super().__init__(sites="before_gap", alpha=alpha, guard=guard, post_norm=post_norm)
+    # Fixed, not options: one site before every gap (top_k and shift only matter for other site rules).
+    sites: str = field(default="before_gap", init=False)
+    top_k: int = field(default=2, init=False)
+    shift: str = field(default="mean", init=False)
 
     def check_calibration(self, model: nn.Module, num_tokens: int) -> None:
         d = model.get_input_embeddings().weight.shape[-1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -10,6 +12,7 @@ from gradmap.stages import Cost
 from methods.baselines.ppl import PerplexityDrop, removal_perplexities
 
 
+@dataclass(eq=False)
 class SLEB(PerplexityDrop):
     """SLEB: at each step remove the block whose removal gives the lowest calibration perplexity, then rescore.
 
@@ -37,9 +40,6 @@ class SLEB(PerplexityDrop):
     # Selections cached before revision 1 scored the protected blocks too (same removals, ~7% more tokens): their
     # token counts would be stale, so the revision is part of the selection cache key (`gradmap.cache`).
     scoring_revision = 1
-
-    def __init__(self, iterative: bool = True, protect_first: int = 1, protect_last: int = 1):
-        super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
 
     def layer_scores(self, model: nn.Module, calib: Calibration, cost: Cost, kept: list[int],
                      original_count: int) -> list[float | None]:

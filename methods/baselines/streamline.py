@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from gradmap.schema import option
 from gradmap.selection import SelectionKind
-from methods.baselines._common import SpanMetric, check_choice
+from methods.baselines._common import SpanMetric
 
 # official: cos(h_b, h_{b+n+1}), the kept layer b before the span included (get_cosine.py in
 # RUCKBReasoning/LLM-Streamline); span_only: cos(input of the span, its output), this repo's earlier reading.
 CRITERIA = ("official", "span_only")
 
 
+@dataclass(eq=False)
 class StreamlineSpan(SpanMetric):
     """LLM-Streamline: remove the contiguous span of n layers after which the hidden state has turned least.
 
@@ -48,12 +52,11 @@ class StreamlineSpan(SpanMetric):
     name = "streamline"
     selection_kind = SelectionKind.SPAN  # one span of exactly n layers
 
-    def __init__(self, criterion: str = "official", tokens: str = "all", accum_dtype: str = "float64",
-                 protect_first: int = 0, protect_last: int = 0):
-        super().__init__(tokens=tokens, accum_dtype=accum_dtype, protect_first=protect_first,
-                         protect_last=protect_last)
-        self.criterion = check_choice("criterion", criterion, CRITERIA)
-        if criterion == "official":
+    criterion: str = option(choices=CRITERIA)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.criterion == "official":
             self.lead, self.last_state = 1, "final_norm"  # HF hidden_states, as the official code reads them
 
     @staticmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from gradmap.data import Calibration
 from gradmap.errors import ConfigError
 from gradmap.models import model_device
 from gradmap.progress import progress
+from gradmap.schema import option
 from gradmap.stages import Cost
 
 PARTS = ("layer", "ffn")
@@ -35,6 +37,7 @@ def _to_float_kw(kw: dict) -> dict:
     return {k: _to_float(v, torch.float32) for k, v in kw.items()}
 
 
+@dataclass(eq=False)
 class StreamlineTraining(Compensation):
     """LLM-Streamline's lightweight network, trained in place of the removed layers (MSE to the dense states).
 
@@ -91,27 +94,21 @@ class StreamlineTraining(Compensation):
     name = "streamline"
     micro_batch_is_memory_knob = False  # calibration micro-batches are its training batches (gradmap.oom)
 
-    def __init__(self, part: str, epochs: int = 20, lr: float = 2e-4, min_lr: float = 5e-5,
-                 weight_decay: float = 1e-3, warmup_ratio: float = 0.08, decay_horizon: float = 8.0,
-                 max_grad_norm: float = 5.0):
-        if part not in PARTS:
-            raise ConfigError("part", part, list(PARTS))
-        # decay_horizon >= 1: the cosine never reaches its turning point within training, so the lr never rises again.
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ConfigError("epochs", epochs, "an integer >= 1")
-        for key, value, ok, allowed in (
-                ("lr", lr, lr > 0, "a number > 0"),
-                ("min_lr", min_lr, 0 <= min_lr <= lr, f"a number in [0, lr={lr}]"),
-                ("weight_decay", weight_decay, weight_decay >= 0, "a number >= 0"),
-                ("warmup_ratio", warmup_ratio, 0 <= warmup_ratio < 1, "a number in [0, 1)"),
-                ("decay_horizon", decay_horizon, decay_horizon >= 1, "a number >= 1 (the lr never rises again)"),
-                ("max_grad_norm", max_grad_norm, max_grad_norm > 0, "a number > 0")):
-            if not ok:
-                raise ConfigError(key, value, allowed, problem="invalid schedule")
-        self.part, self.epochs, self.lr, self.min_lr = part, epochs, lr, min_lr
-        self.weight_decay, self.warmup_ratio, self.max_grad_norm = weight_decay, warmup_ratio, max_grad_norm
-        self.decay_horizon = decay_horizon
-        self.name = f"streamline_{part}"
+    part: str = option(choices=PARTS)
+    epochs: int = option(ge=1)
+    lr: float = option(gt=0)
+    min_lr: float = option(ge=0)
+    weight_decay: float = option(ge=0)
+    warmup_ratio: float = option(ge=0, lt=1)
+    # >= 1: the cosine never reaches its turning point within training, so the lr never rises again.
+    decay_horizon: float = option(ge=1)
+    max_grad_norm: float = option(gt=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_lr > self.lr:
+            raise ConfigError("min_lr", self.min_lr, f"a number in [0, lr={self.lr}]", problem="invalid schedule")
+        self.name = f"streamline_{self.part}"
 
     def check_compatible(self, model: nn.Module, removed: list[int]) -> None:
         layer = surgery.get_decoder_layers(model)[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -11,14 +13,16 @@ from gradmap.grad_state import eval_mode, grad_state_preserved, gradient_checkpo
 from gradmap.lm_loss import backward_lm_loss
 from gradmap.metric import LayerMetric
 from gradmap.models import model_device
+from gradmap.schema import option
 from gradmap.stages import Cost
-from methods.baselines._common import check_choice, resolve_accum_dtype
+from methods.baselines._common import ACCUM_DTYPES
 
 # weights: parameters whose name contains "weight" (official anal_block_sensitivity_taylor.py in
 # Nota-NetsPresso/shortened-llm; biases are left out); all: every float parameter of the block, biases included.
 PARAMETERS = ("weights", "all")
 
 
+@dataclass(eq=False)
 class BlockTaylor(LayerMetric):
     """First-order Taylor estimate of the loss change when a whole block's weights are zeroed.
 
@@ -56,13 +60,14 @@ class BlockTaylor(LayerMetric):
 
     name = "taylor"
 
-    def __init__(self, protect_first: int, protect_last: int, iterative: bool = False, accum_dtype: str = "float32",
-                 gradient_checkpointing: bool = False, parameters: str = "weights", loss_chunk_tokens: int = 256):
-        super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
-        self.accum_dtype, self.dtype = accum_dtype, resolve_accum_dtype(accum_dtype)
-        self.gradient_checkpointing = gradient_checkpointing
-        self.parameters = check_choice("parameters", parameters, PARAMETERS)
-        self.loss_chunk_tokens = loss_chunk_tokens
+    accum_dtype: str = option(choices=tuple(ACCUM_DTYPES))
+    gradient_checkpointing: bool = option()
+    parameters: str = option(choices=PARAMETERS)
+    loss_chunk_tokens: int = option(ge=0, allowed="an integer >= 0 (0 = the model's own loss)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.dtype = ACCUM_DTYPES[self.accum_dtype]
 
     def score(self, model: nn.Module, calib: Calibration, cost: Cost) -> torch.Tensor:
         with grad_state_preserved(model), eval_mode(model), \

@@ -33,6 +33,8 @@ one float32 gradient copy when weights are accumulated over several micro-batche
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -44,6 +46,7 @@ from gradmap.grad_state import grad_state_preserved, gradient_checkpointing, onl
 from gradmap.lm_loss import backward_lm_loss
 from gradmap.metric import LayerMetric
 from gradmap.models import model_device
+from gradmap.schema import option
 from gradmap.stages import Cost
 
 REDUCTIONS = {"weights": ("mean_abs", "l2", "rel_l2"), "activations": ("mean_abs", "l2", "first_order")}
@@ -94,11 +97,12 @@ def reduce_activation_grad(reduction: str, grad: torch.Tensor, layer_in: torch.T
     return total / (grad[..., 0].numel() * per_token)
 
 
+@dataclass(eq=False)
 class GradMAPMetric(LayerMetric):
     """GradMAP gradient metric (arXiv 2602.14649). See the module docstring for the formulas. Defaults:
     conf/metric/gradmap.yaml (target, reduction and one-shot chosen on validation text, README).
 
-    Args:
+    Options:
         target: `weights` or `activations` (what the gradient is taken with respect to).
         reduction: see REDUCTIONS.
         iterative: rescore after each removal (the paper's one backward per pruning decision).
@@ -112,26 +116,20 @@ class GradMAPMetric(LayerMetric):
 
     name = "gradmap"
 
-    def __init__(self, target: str = "activations", reduction: str = "first_order", iterative: bool = False,
-                 accum_dtype: str = "float64", grad_accumulation: str = "full", gradient_checkpointing: bool = True,
-                 loss_chunk_tokens: int = 256, protect_first: int = 0, protect_last: int = 0):
-        super().__init__(iterative=iterative, protect_first=protect_first, protect_last=protect_last)
-        if target not in REDUCTIONS:
-            raise ConfigError("target", target, list(REDUCTIONS))
-        if reduction not in REDUCTIONS[target]:
-            raise ConfigError("reduction", reduction, list(REDUCTIONS[target]),
-                              problem=f"not valid for target={target}")
-        if accum_dtype not in ACCUM_DTYPES:
-            raise ConfigError("accum_dtype", accum_dtype, list(ACCUM_DTYPES))
-        if grad_accumulation not in GRAD_ACCUMULATIONS:
-            raise ConfigError("grad_accumulation", grad_accumulation, list(GRAD_ACCUMULATIONS))
-        self.target, self.reduction = target, reduction
-        self.accum_dtype, self.dtype = accum_dtype, ACCUM_DTYPES[accum_dtype]
-        self.grad_accumulation = grad_accumulation
-        self.gradient_checkpointing = gradient_checkpointing
-        if isinstance(loss_chunk_tokens, bool) or not isinstance(loss_chunk_tokens, int) or loss_chunk_tokens < 0:
-            raise ConfigError("loss_chunk_tokens", loss_chunk_tokens, "an integer >= 0 (0 = the model's own loss)")
-        self.loss_chunk_tokens = loss_chunk_tokens
+    target: str = option(choices=tuple(REDUCTIONS))
+    reduction: str = option(choices=tuple(dict.fromkeys(r for rs in REDUCTIONS.values() for r in rs)),
+                            allowed="; ".join(f"{', '.join(rs)} (target={t})" for t, rs in REDUCTIONS.items()))
+    accum_dtype: str = option(choices=tuple(ACCUM_DTYPES))
+    grad_accumulation: str = option(choices=GRAD_ACCUMULATIONS)
+    gradient_checkpointing: bool = option()
+    loss_chunk_tokens: int = option(ge=0, allowed="an integer >= 0 (0 = the model's own loss)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reduction not in REDUCTIONS[self.target]:
+            raise ConfigError("reduction", self.reduction, list(REDUCTIONS[self.target]),
+                              problem=f"not valid for target={self.target}")
+        self.dtype = ACCUM_DTYPES[self.accum_dtype]
 
     @property
     def micro_batch_is_memory_knob(self) -> bool:  # per_batch reduces each micro-batch's weight gradient on its own

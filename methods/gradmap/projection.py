@@ -38,6 +38,7 @@ Our interpretation (the paper's exact formulas are not public):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,7 +48,6 @@ from gradmap import surgery
 from gradmap.capture import FinalErrorSums, dense_states, layer_outputs
 from gradmap.compensation import Compensation, IncompatibleCompensationError
 from gradmap.data import Calibration
-from gradmap.errors import ConfigError
 from gradmap.models import model_device
 from gradmap.module_paths import OUTPUT_PROJECTIONS, POST_MLP_NORMS, first_path
 from gradmap.post_norm import (
@@ -63,6 +63,7 @@ from gradmap.post_norm import (
     scale_gain,
 )
 from gradmap.progress import progress
+from gradmap.schema import option
 from gradmap.stages import Cost
 
 SITE_RULES = ("largest", "largest_gap", "topk", "before_gap")
@@ -195,11 +196,12 @@ class _NormalEquations(FinalErrorSums):
             self.add_final(b, out)
 
 
+@dataclass(eq=False)
 class ProjectionCompensation(Compensation):
     """GradMAP projection compensation (arXiv 2602.14649); see the module docstring. Defaults: conf/compensation/
     projection.yaml (chosen by measurement, README).
 
-    Args:
+    Options:
         sites: `largest` | `largest_gap` | `topk` | `before_gap`.
         top_k: number of sites for `topk`.
         shift: `mean` | `rms`, how the drift at each kept layer is measured.
@@ -212,22 +214,12 @@ class ProjectionCompensation(Compensation):
 
     name = "projection"
 
-    def __init__(self, sites: str = "before_gap", top_k: int = 2, shift: str = "mean", alpha: float = 3.0,
-                 guard: str = "final_error", post_norm: str = "direction_approx"):
-        if guard not in GUARDS:
-            raise ConfigError("guard", guard, list(GUARDS))
-        if post_norm not in POST_NORM_MODES:
-            raise ConfigError("post_norm", post_norm, list(POST_NORM_MODES))
-        if sites not in SITE_RULES:
-            raise ConfigError("sites", sites, list(SITE_RULES))
-        if shift not in SHIFT_MEASURES:
-            raise ConfigError("shift", shift, list(SHIFT_MEASURES))
-        if not alpha >= 0:
-            raise ConfigError("alpha", alpha, "a number >= 0")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ConfigError("top_k", top_k, "an integer >= 1")
-        self.sites, self.top_k, self.shift, self.alpha, self.guard = sites, top_k, shift, alpha, guard
-        self.post_norm = post_norm
+    sites: str = option(choices=SITE_RULES)
+    top_k: int = option(ge=1)
+    shift: str = option(choices=SHIFT_MEASURES)
+    alpha: float = option(ge=0)
+    guard: str = option(choices=GUARDS)
+    post_norm: str = option(choices=POST_NORM_MODES)
 
     def check_compatible(self, model: nn.Module, removed: list[int]) -> None:
         layer = surgery.get_decoder_layers(model)[0]

@@ -57,6 +57,7 @@ What a `Decision` holds (indexed by original layer, None = removed or not measur
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -64,18 +65,19 @@ from torch import nn
 
 from gradmap import surgery
 from gradmap.data import Calibration
-from gradmap.errors import ConfigError
 from gradmap.grad_state import eval_mode
+from gradmap.schema import option
 from gradmap.selection import Decision, DecisionCallback, DecisionTimer, Selection, SelectionKind
 from gradmap.stages import Cost
 from methods.gradmap.metric import GradMAPMetric
 from methods.gradmap.verify_budget import SIGNALS, first_windows, loss_positions, loss_sum, window_order
 
 
+@dataclass(eq=False)
 class GradMAPVerify(GradMAPMetric):
     """GradMAP screening + exact (SLEB) verification of the k lowest-scoring layers; see the module docstring.
 
-    Args:
+    Options (values: conf/metric/gradmap_verify.yaml):
         candidates: k, the number of GradMAP's lowest-scoring prunable layers verified exactly per decision. 1 =
             GradMAP; >= the number of prunable layers = SLEB. The default (4) was chosen on validation text
             (experiment=choose_verify_k: lowest validation perplexity with the projection among 1, 2, 4, 8).
@@ -96,32 +98,18 @@ class GradMAPVerify(GradMAPMetric):
 
     name = "gradmap_verify"
 
-    def __init__(self, candidates: int = 4, target: str = "activations", reduction: str = "first_order",
-                 accum_dtype: str = "float64", grad_accumulation: str = "full", gradient_checkpointing: bool = True,
-                 loss_chunk_tokens: int = 256, protect_first: int = 1, protect_last: int = 1,
-                 verify_fraction: float = 1.0, screen_every: int = 1, rescreen_at_cut: bool = False,
-                 verify_signal: str = "full", verify_positions: int = 32, verify_seed: int = 0):
-        super().__init__(target=target, reduction=reduction, iterative=True, accum_dtype=accum_dtype,
-                         grad_accumulation=grad_accumulation, gradient_checkpointing=gradient_checkpointing,
-                         loss_chunk_tokens=loss_chunk_tokens, protect_first=protect_first, protect_last=protect_last)
-        if int(candidates) < 1:
-            raise ValueError(f"candidates={candidates} is not valid; allowed: an integer >= 1")
-        self.candidates = int(candidates)
-        if isinstance(verify_fraction, bool) or not isinstance(verify_fraction, (int, float)) \
-                or not 0 < verify_fraction <= 1:
-            raise ConfigError("verify_fraction", verify_fraction, "a number in (0, 1] (1 = exact verification)")
-        for key, value in (("screen_every", screen_every), ("verify_positions", verify_positions)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(key, value, "an integer >= 1")
-        if not isinstance(rescreen_at_cut, bool):
-            raise ConfigError("rescreen_at_cut", rescreen_at_cut, "true, false")
-        if verify_signal not in SIGNALS:
-            raise ConfigError("verify_signal", verify_signal, list(SIGNALS))
-        if isinstance(verify_seed, bool) or not isinstance(verify_seed, int):
-            raise ConfigError("verify_seed", verify_seed, "an integer")
-        self.verify_fraction, self.screen_every, self.rescreen_at_cut = float(verify_fraction), screen_every, \
-            rescreen_at_cut
-        self.verify_signal, self.verify_positions, self.verify_seed = verify_signal, verify_positions, verify_seed
+    iterative: bool = field(default=True, init=False)  # one screen per removed layer
+    candidates: int = option(ge=1)
+    verify_fraction: float = option(gt=0, le=1, allowed="a number in (0, 1] (1 = exact verification)")
+    screen_every: int = option(ge=1)
+    rescreen_at_cut: bool = option()
+    verify_signal: str = option(choices=SIGNALS)
+    verify_positions: int = option(ge=1)
+    verify_seed: int = option()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.verify_fraction = float(self.verify_fraction)
 
     # One screened-and-verified decision per removed layer: cached runs serve as prefixes.
     selection_kind = SelectionKind.GREEDY
