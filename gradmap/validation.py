@@ -95,15 +95,15 @@ def check_top_keys(c: Mapping[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------ prune count
 
 def num_to_prune(num_layers: int, prune_ratio: float | None, num_prune: int | None) -> int:
-    """floor(ratio * L + 0.5), i.e. round half up, unless `num_prune` is given explicitly."""
+    """floor(ratio * L + 0.5), i.e. round half up, unless `num_prune` is given explicitly. Types and ranges of both
+    keys are `TopLevelSchema`'s, checked before; this is where the count is made and refused for the model."""
     if num_prune is not None:
-        n = check_value("num_prune", num_prune, int)
+        n = num_prune
         key, value = "num_prune", num_prune
     else:
         if prune_ratio is None:
             raise ConfigError("prune_ratio", None, "a number in (0, 1), or set num_prune",
                               problem="neither prune_ratio nor num_prune is set")
-        check_value("prune_ratio", prune_ratio, float, {"gt": 0, "lt": 1})
         n = math.floor(float(prune_ratio) * num_layers + 0.5)
         key, value = "prune_ratio", prune_ratio
     if not 0 < n < num_layers:
