@@ -24,10 +24,10 @@ from gradmap.errors import ConfigError
 from gradmap.schema import check_fields
 
 if TYPE_CHECKING:
+    from gradmap.data import Calibration
     from gradmap.metric import LayerMetric
     from gradmap.selection import DecisionCallback, Selection, SelectionKind
-from gradmap.data import Calibration
-from gradmap.stages import Cost
+    from gradmap.stages import Cost
 
 
 class IncompatibleCompensationError(ConfigError):

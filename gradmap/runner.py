@@ -2,10 +2,10 @@
 
 `Run.execute` is the pipeline of one job whose config passed validation (`gradmap.validation.Checked`, the one
 input: cache keys, logger and names all derive from it); `gradmap.jobs.run_job` calls it (record history,
-validation, failures). `select_layers` is the select-only entry point (no pruning, evaluation or record) for
-experiments that compare selections. It fills the job's `RunRecord` (written as `record.json`, the source of truth) and
-writes `scores.csv` into the run folder, a per-layer score plot, and mirrors the essentials to the configured
-logger, each pruning decision as it is made.
+validation, failures). The run fills the job's `RunRecord` (written as `record.json`, the source of truth), writes
+`scores.csv` into the run folder and a per-layer score plot, and mirrors the essentials to the configured logger,
+each pruning decision as it is made. `select_layers` is the select-only entry point (no pruning, evaluation or
+record) for experiments that compare selections.
 """
 
 from __future__ import annotations
@@ -151,6 +151,11 @@ def with_calibration_retry(stage: str, calib, cost: Cost, attempt, allowed: bool
                          on_retry=on_retry, allowed=allowed, can_retry=can_retry)
 
 
+def selection_cache(checked: Checked) -> SelectionCache:
+    """The run's selection cache (in its cache folder; off with `cache_selection=false`)."""
+    return SelectionCache(checked.cache, enabled=checked.config["cache_selection"])
+
+
 def cached_selection(checked: Checked, model, calib, bos: bool, recorder: StageRecorder, meta: dict[str, Any],
                      on_decision=None, on_retry=None) -> tuple[CachedSelection, str]:
     """The metric's selection of `checked.num_prune` layers through the selection cache
@@ -173,8 +178,8 @@ def cached_selection(checked: Checked, model, calib, bos: bool, recorder: StageR
             total = time.perf_counter() - t0
         return selection
 
-    cache = SelectionCache(checked.cache, enabled=checked.config["cache_selection"])
-    got = cache.get_or_compute(key, n, metric.selection_kind, compute, meta, surgery.num_layers(model))
+    got = selection_cache(checked).get_or_compute(key, n, metric.selection_kind, compute, meta,
+                                                  surgery.num_layers(model))
     recorder.move("score", "select", total - sum(d.score_seconds for d in got.fresh))
     return got, key
 
@@ -320,9 +325,6 @@ class Run:
         print(summary_table(rec))
         return rec
 
-    def _selection_cache(self) -> SelectionCache:
-        return SelectionCache(self.checked.cache, enabled=self.checked.config["cache_selection"])
-
     def _select(self, model, metric, calib, n: int) -> Selection:
         """Score and choose layers through the selection cache (`cached_selection`); a decision goes to the log and
         the logger as it is made."""
@@ -349,8 +351,8 @@ class Run:
 
         meta = {g: self.choices.get(g) for g in ("model", "metric", "compensation")}
         num_layers = surgery.num_layers(model)
-        got = self._selection_cache().get_or_compute(key, n, compensation.selection_kind(metric), compute, meta,
-                                                     num_layers)
+        got = selection_cache(self.checked).get_or_compute(key, n, compensation.selection_kind(metric), compute,
+                                                           meta, num_layers)
         log.flush(got.selection)
         fresh = got.fresh
         scored = Cost(forward_tokens=sum(d.forward_tokens for d in fresh),

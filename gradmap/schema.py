@@ -153,7 +153,7 @@ def check_node(prefix: str, node: Any, schema: type, extra_keys: bool = False) -
     if not isinstance(node, Mapping):
         keys = ", ".join(f.name for f in dataclasses.fields(schema) if f.init)
         raise ConfigError(prefix, node, f"a mapping with the keys {keys}")
-    hints = typing.get_type_hints(schema)
+    hints = _hints(schema)
     fields = {f.name: f for f in dataclasses.fields(schema) if f.init}  # init=False: fixed by the class, no key
     if not extra_keys:
         for key in node:

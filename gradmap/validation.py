@@ -134,12 +134,17 @@ def _class_of(group: str, node: Mapping[str, Any]) -> Any:
                           problem=f"cannot be imported ({brief(cause, 160)})") from err
 
 
+def declares_fields(cls: Any) -> bool:
+    """A config class: itself a dataclass (a subclass of one that is not would hide the options it adds)."""
+    return inspect.isclass(cls) and "__dataclass_fields__" in vars(cls)
+
+
 def build_group(group: str, node: Mapping[str, Any]) -> Any:
     """The config object of a model, calibration, eval or logger node: its `_target_` must be one of the group's
     config classes (the `_target_`s of its YAMLs, `gradmap.targets`: the Hydra group is the registry), a dataclass
     whose fields the node's keys and values must match."""
     cls = _class_of(group, node)
-    if not dataclasses.is_dataclass(cls):
+    if not declares_fields(cls):
         raise ConfigError(f"{group}._target_", node.get("_target_"), list(allowed_targets(group)),
                           problem=f"not a {group} config class (a dataclass of option() fields)")
     return cls(**check_node(group, node, cls))
@@ -275,7 +280,7 @@ def check_component(group: str, node: Mapping[str, Any], build: bool = True) -> 
     types, ranges, choices) and, with `build`, build it; errors its constructor raises (checks across fields) come
     back as ConfigError with the group prefix."""
     cls = _class_of(group, node)
-    if not (inspect.isclass(cls) and "__dataclass_fields__" in vars(cls)):  # itself a dataclass, not only a base
+    if not declares_fields(cls):
         raise ConfigError(f"{group}._target_", node.get("_target_"), f"a {group} class that is a dataclass "
                           "(@dataclass(eq=False)) declaring its options as fields (gradmap.schema.option)",
                           problem=f"{getattr(cls, '__name__', cls)} does not declare its options as dataclass fields")
