@@ -89,6 +89,15 @@ def without_memory_knobs(metric: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def without_added_keys(metric: dict[str, Any], target: str | None) -> dict[str, Any]:
+    """A metric config without the keys added after its selections were first cached (`ADDED_METRIC_KEYS`) while
+    they hold the value that computes what the code before them did, so those entries are still found."""
+    from gradmap.record import ADDED_METRIC_KEYS
+
+    neutral = ADDED_METRIC_KEYS.get(target, {})
+    return {k: v for k, v in metric.items() if not (k in neutral and v == neutral[k])}
+
+
 def model_key(cfg: Mapping[str, Any], bos: bool) -> dict[str, Any]:
     """The model part of a cache key: the model config, with `window_bos` replaced by what it resolved to when it
     was left to the family (`bos`, gradmap.windows): a family without BOS windows keeps the key it had before the
@@ -108,7 +117,7 @@ def selection_key(cfg: Mapping[str, Any], bos: bool) -> str:
     metric keys hash as the code before them had them (`without_memory_knobs`)."""
     parts = {
         "model": model_key(cfg, bos),
-        "metric": without_memory_knobs(hashed_group(cfg["metric"])),
+        "metric": without_added_keys(without_memory_knobs(hashed_group(cfg["metric"])), cfg["metric"].get("_target_")),
         "calibration": plain(cfg["calibration"]),
         "seed": cfg["seed"], "dtype": cfg.get("dtype"), "v": CACHE_VERSION,
     }

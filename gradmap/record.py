@@ -148,13 +148,17 @@ def _retarget(config: dict[str, Any], group: str, dispatch_key: str, targets: di
 # checks these against the classes' defaults).
 ADDED_COMPENSATION_KEYS = {"methods.gradmap.projection.ProjectionCompensation": {"post_norm": "direction_approx"},
                            "methods.baselines.replaceme.ReplaceMe": {"post_norm": "refuse"}}
+# Metric keys added later, with the value that computes what the code before them computed: a finished record gets
+# it, and a selection key hashes the metric as if the key were absent while it has that value (`gradmap.cache`),
+# so jobs and cached selections from before stay valid. Today's defaults (tests/test_windows.py).
+ADDED_METRIC_KEYS = {"methods.gradmap.verify.GradMAPVerify": {"screen_windows": 0}}
 
 
 def _fill_added_keys(raw: dict[str, Any]) -> None:
-    """A record from before `model.window_bos` (or a compensation key of ADDED_COMPENSATION_KEYS) gets the value that
-    means what its code did (no BOS windows: `gradmap.windows.legacy_window_bos`), and a class that moved since
-    (`gradmap.targets.MOVED_TARGETS`) its path today, so a finished job compares equal to the same job today and is
-    not rerun."""
+    """A record from before `model.window_bos` (or a key of ADDED_COMPENSATION_KEYS / ADDED_METRIC_KEYS) gets the
+    value that means what its code did (no BOS windows: `gradmap.windows.legacy_window_bos`), and a class that moved
+    since (`gradmap.targets.MOVED_TARGETS`) its path today, so a finished job compares equal to the same job today
+    and is not rerun."""
     from gradmap.targets import MOVED_TARGETS
     from gradmap.windows import legacy_window_bos
 
@@ -166,10 +170,11 @@ def _fill_added_keys(raw: dict[str, Any]) -> None:
     model = config.get("model")
     if isinstance(model, dict) and "_target_" in model and "window_bos" not in model:
         model["window_bos"] = legacy_window_bos(raw.get("model_class"), model)
-    comp = config.get("compensation")
-    if isinstance(comp, dict):
-        for key, value in ADDED_COMPENSATION_KEYS.get(comp.get("_target_"), {}).items():
-            comp.setdefault(key, value)
+    for group, added in (("compensation", ADDED_COMPENSATION_KEYS), ("metric", ADDED_METRIC_KEYS)):
+        node = config.get(group)
+        if isinstance(node, dict):
+            for key, value in added.get(node.get("_target_"), {}).items():
+                node.setdefault(key, value)
 
 
 def upgrade_v0(raw: dict[str, Any]) -> dict[str, Any]:

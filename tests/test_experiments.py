@@ -55,7 +55,7 @@ def test_speed_experiment_times_uncompensated_uncached_scoring():
     assert list(cfg.eval.lm_eval.tasks) == []
 
 
-TUNING = ("ablation_gradmap", "ablation_projection", "choose_verify_k", "choose_verify_budget",
+TUNING = ("ablation_gradmap", "ablation_projection", "choose_verify_k", "choose_verify_budget", "choose_verify_kl",
           "choose_postnorm_projection")
 
 

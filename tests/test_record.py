@@ -131,3 +131,21 @@ def test_classes_that_moved_keep_their_jobs_and_cache_keys(overrides):
     assert same_job(RunRecord.from_dict({"schema_version": SCHEMA_VERSION, "config": before}).config, today)
     for key in (selection_key, interleaved_key):
         assert key(today, False) == key(before, False)
+
+
+def test_metric_keys_added_later_keep_their_jobs_and_cache_keys():
+    """A metric key added later (`ADDED_METRIC_KEYS`, e.g. gradmap_verify's `screen_windows`): a record written before
+    it is the same job as today's default, and the selection key hashes as before while the key keeps that value."""
+    from gradmap.cache import selection_key
+    from gradmap.record import ADDED_METRIC_KEYS
+
+    today = compose_today(["metric=gradmap_verify"])
+    added = ADDED_METRIC_KEYS[today["metric"]["_target_"]]
+    before = json.loads(json.dumps(today))
+    for key in added:
+        del before["metric"][key]
+    assert same_job(RunRecord.from_dict({"schema_version": SCHEMA_VERSION, "config": before}).config, today)
+    assert selection_key(today, False) == selection_key(before, False)
+    changed = json.loads(json.dumps(today))
+    changed["metric"]["screen_windows"] = 2
+    assert selection_key(changed, False) != selection_key(today, False)

@@ -161,6 +161,11 @@ CASES = {
                                 2 * N + (32 + 32 + 32) * T, 2 * N),
     "k=all halving (SLEB halved)": (dict(candidates=LAYERS, verify_fraction=0.125), (13 + 12 + 6) * T, 0),
     "screen every 2, gradmap (k=1)": (dict(candidates=1, screen_every=2), 2 * N, 2 * N),
+    # dense_kl: + the dense reference once, on the windows the first decision can reach (k=4, f=1/8: 2)
+    "dense_kl halving": (dict(candidates=4, verify_fraction=0.125, verify_signal="dense_kl"),
+                         2 * N + 18 * T + 2 * T, 2 * N),
+    # the screen on 2 windows: 2T forward + 2T backward per screen
+    "screen on 2 windows": (dict(candidates=4, verify_fraction=0.125, screen_windows=2), 2 * 2 * T + 18 * T, 4 * T),
 }
 
 
@@ -173,11 +178,13 @@ def test_token_counts_by_formula(case):
     assert sel.cost == {"forward_tokens": fwd, "backward_tokens": bwd}
     split = GradMAPVerify.cost_split(sel)
     grad, ver = split["gradient"], split["verification"]
-    assert grad["forward_tokens"] == grad["backward_tokens"] == bwd == grad["passes"] * N
+    screen_tokens = T * options["screen_windows"] if options.get("screen_windows") else N
+    assert grad["forward_tokens"] == grad["backward_tokens"] == bwd == grad["passes"] * screen_tokens
     assert ver["forward_tokens"] == fwd - bwd
     assert grad.get("reused", 0) == sum(d.screened_at is not None for d in sel.decisions)
-    if options.get("verify_fraction", 1) < 1:  # the record says what each candidate cost
-        assert sum(sum(d.verify_tokens) for d in sel.decisions) == ver["forward_tokens"]
+    if options.get("verify_fraction", 1) < 1:  # the record says what each candidate cost (+ dense_kl's reference)
+        reference = 2 * T if options.get("verify_signal") == "dense_kl" else 0
+        assert sum(sum(d.verify_tokens) for d in sel.decisions) + reference == ver["forward_tokens"]
 
 
 # ------------------------------------------------------------------------------------------ screen reuse
@@ -245,6 +252,61 @@ def test_last_positions_verification_scores():
         assert d.scores[c] == pytest.approx(math.exp(ref), rel=1e-5)
 
 
+def mean_kl(reference: nn.Module, model: nn.Module, ids: torch.Tensor) -> float:
+    """Mean over predictions of KL(reference || model), full logits in float64, one window at a time."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in ids:
+            log_p = F.log_softmax(reference(input_ids=row[None], use_cache=False).logits[0, :-1].double(), -1)
+            log_q = F.log_softmax(model(input_ids=row[None], use_cache=False).logits[0, :-1].double(), -1)
+            total += float(F.kl_div(log_q, log_p, log_target=True, reduction="sum"))
+            count += log_p.shape[0]
+    return total / count
+
+
+def test_dense_kl_verification_against_independent_computation():
+    """Exact (f=1): each candidate's score is the mean KL from the dense model of the model without the layers
+    removed so far and the candidate; the lowest is removed."""
+    model, calib = make_model(), make_calib()
+    sel = gradmap_verify(candidates=3, verify_signal="dense_kl").select(model, calib, 2, Cost())
+    removed: list[int] = []
+    for d in sel.decisions:
+        kl = {c: mean_kl(model, without(model, removed + [c]), calib.input_ids) for c in d.verified}
+        assert {c: d.scores[c] for c in d.verified} == pytest.approx(kl, rel=1e-4, abs=1e-9)
+        assert d.removed == [min(kl, key=lambda c: (kl[c], c))]
+        removed += d.removed
+    # the shortlists are the screen's, as with the perplexity signal
+    ppl = gradmap_verify(candidates=3).select(model, calib, 1, Cost())
+    assert sel.decisions[0].verified == ppl.decisions[0].verified
+
+
+def test_dense_kl_halving_against_independent_computation():
+    model, calib = make_model(), make_calib()
+    sel = gradmap_verify(candidates=4, verify_fraction=0.25, verify_signal="dense_kl", verify_seed=5).select(
+        model, calib, 1, Cost())
+    d, order = sel.decisions[0], window_order(WINDOWS, 5)
+    kl = {c: [mean_kl(model, without(model, [c]), calib.input_ids[[w]]) for w in range(WINDOWS)] for c in d.verified}
+    mean = lambda c, w: sum(kl[c][i] for i in order[:w]) / w  # noqa: E731  (every window has SEQ - 1 predictions)
+    first = sorted(d.verified, key=lambda c: (mean(c, 2), c))[:2]
+    assert d.removed == [min(first, key=lambda c: (mean(c, 4), c))]
+    for c, tokens in zip(d.verified, d.verify_tokens):
+        assert d.scores[c] == pytest.approx(mean(c, tokens // T), rel=1e-4)
+
+
+def test_screen_windows():
+    """The screen on s windows is GradMAP's score on those windows (the first of the halving order); s = every
+    window is the default."""
+    model, calib = make_model(), make_calib()
+    sel = gradmap_verify(candidates=3, screen_windows=3, verify_seed=4).select(model, calib, 1, Cost())
+    rows = sorted(window_order(WINDOWS, 4)[:3])
+    sub = Calibration(input_ids=calib.input_ids[rows], batch_size=calib.batch_size)
+    assert sel.decisions[0].gradient_scores == method("metric/gradmap").score(model, sub, Cost()).tolist()
+    every = gradmap_verify(candidates=3, screen_windows=WINDOWS).select(model, calib, PRUNE, Cost())
+    default = gradmap_verify(candidates=3).select(model, calib, PRUNE, Cost())
+    assert [d.as_dict() | {"seconds": 0, "score_seconds": 0, "verify_seconds": 0} for d in every.decisions] == \
+        [d.as_dict() | {"seconds": 0, "score_seconds": 0, "verify_seconds": 0} for d in default.decisions]
+
+
 # ---------------------------------------------------------------------------------- model, bad values
 
 def test_model_unchanged_with_budget_options():
@@ -258,7 +320,7 @@ def test_model_unchanged_with_budget_options():
 
 @pytest.mark.parametrize("key,value", [("verify_fraction", 0), ("verify_fraction", 1.5), ("verify_fraction", True),
                                        ("screen_every", 0), ("verify_positions", 0), ("rescreen_at_cut", "yes"),
-                                       ("verify_signal", "middle"), ("verify_seed", 1.5)])
+                                       ("verify_signal", "middle"), ("verify_seed", 1.5), ("screen_windows", -1)])
 def test_bad_budget_option_refused(key, value):
     with pytest.raises(ConfigError, match=f"{key}="):
         gradmap_verify(**{key: value})

@@ -100,11 +100,12 @@ def test_a_record_from_before_window_bos_reads_as_what_its_code_did():
     assert RunRecord.from_dict(old(None, "gemma3_270m")).config["model"]["window_bos"] is False  # failed early
 
 
-def test_compensation_keys_added_later_default_to_the_shipped_defaults():
+def test_keys_added_later_default_to_the_shipped_defaults():
     """A finished record without a key added later reads it as today's default, which lives in the YAML of the
     class (the code holds no second copy)."""
-    from gradmap.record import ADDED_COMPENSATION_KEYS
+    from gradmap.record import ADDED_COMPENSATION_KEYS, ADDED_METRIC_KEYS
 
-    yamls = {OmegaConf.load(p)["_target_"]: OmegaConf.load(p) for p in (ROOT / "conf" / "compensation").glob("*.yaml")}
-    for target, keys in ADDED_COMPENSATION_KEYS.items():
-        assert {k: yamls[target][k] for k in keys} == keys, target
+    for group, added in (("compensation", ADDED_COMPENSATION_KEYS), ("metric", ADDED_METRIC_KEYS)):
+        yamls = {OmegaConf.load(p)["_target_"]: OmegaConf.load(p) for p in (ROOT / "conf" / group).glob("*.yaml")}
+        for target, keys in added.items():
+            assert {k: yamls[target][k] for k in keys} == keys, target

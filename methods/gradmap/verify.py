@@ -38,7 +38,12 @@ Budget options (issue #18; every default reproduces the above exactly; costs in 
   verify_signal: `full` (every next-token prediction), `last` (the last `verify_positions` predictions of each
       window) or `random` (`verify_positions` positions drawn once from `verify_seed`, the same in every window).
       A causal model must still run the whole window, so the forward tokens are the same; only the LM head runs
-      on fewer positions (`logits_to_keep`).
+      on fewer positions (`logits_to_keep`). `dense_kl`: KL(dense || candidate-removed) of the next-token
+      distributions at every position (`verify_budget.kl_sum`), a soft target with less sampling noise than the
+      text's one token; the dense log-probabilities of the windows halving can reach are computed once per
+      selection (booked to the first decision's verification: reached windows x seq_len forward tokens).
+  screen_windows s > 0: the gradient screen runs on the first s windows of the halving order only (s x seq_len
+      forward + backward tokens instead of N each); 0 = every window.
 
 What a `Decision` holds (indexed by original layer, None = removed or not measured):
   scores          the verified calibration perplexities of the candidates, None elsewhere (SLEB's score: the
@@ -50,13 +55,14 @@ What a `Decision` holds (indexed by original layer, None = removed or not measur
                   part; forward_tokens / backward_tokens the whole decision, verify_forward_tokens the verification
                   part (the screen is the rest). `cost_split` sums them per phase; the runner records it.
   verify_tokens   (verify_fraction < 1) the tokens each verified layer was measured on; its score is the perplexity
-                  on those windows only;
+                  on those windows only (`dense_kl`: the mean KL per prediction in nats, not a perplexity);
   screened_at     (screen reused) the decision whose screen ranked the candidates.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +76,16 @@ from gradmap.schema import option
 from gradmap.selection import Decision, DecisionCallback, DecisionTimer, Selection, SelectionKind
 from gradmap.stages import Cost
 from methods.gradmap.metric import GradMAPMetric
-from methods.gradmap.verify_budget import SIGNALS, first_windows, loss_positions, loss_sum, window_order
+from methods.gradmap.verify_budget import (
+    SIGNALS,
+    first_windows,
+    kl_sum,
+    loss_positions,
+    loss_sum,
+    next_token_log_probs,
+    reached_windows,
+    window_order,
+)
 
 
 @dataclass(eq=False)
@@ -90,8 +105,10 @@ class GradMAPVerify(GradMAPMetric):
             GradMAP with the same protection.) Protected layers are screened but never verified nor removed.
         verify_fraction: first halving round's share of the calibration windows; 1 = exact verification (default).
         screen_every / rescreen_at_cut: screen reuse; 1 / false = a fresh screen at every decision (default).
-        verify_signal / verify_positions: the verification loss's positions; `full` = every prediction (default).
-        verify_seed: the order of the windows for halving and the `random` positions.
+        verify_signal / verify_positions: the verification loss and its positions; `full` = the cross-entropy of
+            every prediction (default); `dense_kl` = KL from the dense model at every prediction.
+        screen_windows: windows the gradient screen runs on (the first of the halving order); 0 = all (default).
+        verify_seed: the order of the windows for halving and the screen, and the `random` positions.
 
     Always iterative (one screen per removed layer), so cached selections are reused as prefixes.
     """
@@ -106,6 +123,7 @@ class GradMAPVerify(GradMAPMetric):
     verify_signal: str = option(choices=SIGNALS)
     verify_positions: int = option(ge=1)
     verify_seed: int = option()
+    screen_windows: int = option(ge=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -114,15 +132,18 @@ class GradMAPVerify(GradMAPMetric):
     # One screened-and-verified decision per removed layer: cached runs serve as prefixes.
     selection_kind = SelectionKind.GREEDY
 
-    def _verify(self, model: nn.Module, calib: Calibration, kept: list[int],
-                candidates: list[int]) -> tuple[list[float], list[int], int]:
+    def _verify(self, model: nn.Module, calib: Calibration, kept: list[int], candidates: list[int],
+                reference: torch.Tensor | None) -> tuple[list[float], list[int], int]:
         """Successive halving of the candidates (original indices) by the calibration perplexity of the current model
         without each (`methods.gradmap.verify_budget`): (perplexity of each on the windows it reached, tokens each was
         measured on, the winner). verify_fraction=1 measures every candidate on every window in calibration order,
-        which is SLEB's score bit for bit; the winner is then the lowest perplexity (ties: the lower index)."""
+        which is SLEB's score bit for bit; the winner is then the lowest perplexity (ties: the lower index).
+        `dense_kl`: the mean KL from `reference` (the dense log-probs of the first windows of the halving order)
+        instead of the perplexity."""
         ids = calib.input_ids
         windows, seq_len = ids.shape
         order = window_order(windows, self.verify_seed)
+        rank = {win: j for j, win in enumerate(order)}
         positions = loss_positions(self.verify_signal, seq_len, self.verify_positions, self.verify_seed)
         sums = {c: (0.0, 0) for c in candidates}
         seen = {c: 0 for c in candidates}  # windows measured so far (a prefix of `order`)
@@ -133,7 +154,11 @@ class GradMAPVerify(GradMAPMetric):
                     new = sorted(order[seen[c]:w])
                     if new:
                         with surgery.layers_removed(model, [kept.index(c)]):
-                            total, count = loss_sum(model, ids[new], calib.batch_size, positions)
+                            if reference is None:
+                                total, count = loss_sum(model, ids[new], calib.batch_size, positions)
+                            else:
+                                total, count = kl_sum(model, ids[new], calib.batch_size,
+                                                      reference[[rank[x] for x in new]])
                         sums[c] = (sums[c][0] + total, sums[c][1] + count)
                         seen[c] = w
                 mean = {c: sums[c][0] / sums[c][1] for c in alive}
@@ -141,8 +166,26 @@ class GradMAPVerify(GradMAPMetric):
                 if len(alive) == 1:
                     break
                 w = min(windows, 2 * w)
-        ppls = [math.exp(sums[c][0] / sums[c][1]) for c in candidates]
-        return ppls, [seen[c] * seq_len for c in candidates], alive[0]
+        score = (lambda x: x) if reference is not None else math.exp  # mean KL, or the perplexity
+        return [score(sums[c][0] / sums[c][1]) for c in candidates], [seen[c] * seq_len for c in candidates], alive[0]
+
+    def _screen_calibration(self, calib: Calibration) -> Calibration:
+        """The windows the gradient screen runs on: every one (screen_windows=0), else the first of the halving
+        order, in calibration order."""
+        windows = calib.input_ids.shape[0]
+        if self.screen_windows == 0 or self.screen_windows >= windows:
+            return calib
+        rows = sorted(window_order(windows, self.verify_seed)[:self.screen_windows])
+        return Calibration(input_ids=calib.input_ids[rows], batch_size=calib.batch_size)
+
+    def _dense_reference(self, model: nn.Module, calib: Calibration, candidates: int) -> torch.Tensor:
+        """`dense_kl`'s reference: the model's next-token log-probs on the windows a decision among `candidates`
+        can reach, in halving order (the model as given: no layer removed)."""
+        windows = calib.input_ids.shape[0]
+        reach = reached_windows(candidates, windows, first_windows(self.verify_fraction, windows))
+        rows = window_order(windows, self.verify_seed)[:reach]
+        with eval_mode(model):
+            return next_token_log_probs(model, calib.input_ids[rows], calib.batch_size)
 
     def _fresh_screen(self, step: int, decisions: list[Decision], screen_step: int | None) -> bool:
         """Screen anew at this decision? Always when screen_every=1; else when no screen exists yet, when the last
@@ -165,10 +208,17 @@ class GradMAPVerify(GradMAPMetric):
         # The newest screen (a resumed prefix carries it in its last screening decision).
         screen, screen_step = next(((d.gradient_scores, d.step) for d in reversed(decisions)
                                     if d.gradient_scores is not None), (None, None))
+        screen_calib = self._screen_calibration(calib)
+        reference: torch.Tensor | None = None  # dense_kl: the dense log-probs, computed at the first verification
         for step in range(len(decisions), num_prune):
             timer = DecisionTimer(cost)
             kept = surgery.kept_indices(original_count, removed)
             prunable = [i for i in self.prunable(original_count) if i in kept]
+            ref_seconds, ref_tokens = 0.0, 0
+            if self.verify_signal == "dense_kl" and reference is None and min(self.candidates, len(prunable)) > 1:
+                t0, f0 = time.perf_counter(), cost.forward_tokens  # booked as this decision's verification
+                reference = self._dense_reference(model, calib, min(self.candidates, len(prunable)))
+                ref_seconds, ref_tokens = time.perf_counter() - t0, cost.forward_tokens - f0
             gradient: list[float | None] | None = None
             ranking: list[float | None] | None = None
             reused_from: int | None = None
@@ -176,7 +226,7 @@ class GradMAPVerify(GradMAPMetric):
             with surgery.layers_removed(model, sorted(removed)):
                 if self.candidates == 1 or len(prunable) > self.candidates:  # screen
                     if self._fresh_screen(step, decisions, screen_step):
-                        gradient = self.layer_scores(model, calib, cost, kept, original_count)
+                        gradient = self.layer_scores(model, screen_calib, cost, kept, original_count)
                         screen, screen_step = gradient, step
                         ranking = gradient
                     else:  # rank with the last screen, without the layers removed since
@@ -185,9 +235,10 @@ class GradMAPVerify(GradMAPMetric):
                     verified = self.lowest(ranking, self.candidates) if self.candidates > 1 else []
                 else:  # every prunable layer is a candidate: the screen cannot change the choice
                     verified = prunable
-                screen_seconds = timer.scored()
+                screen_seconds = timer.scored() - ref_seconds
                 mid = Cost(**cost.as_dict())
-                ppl, tokens, winner = self._verify(model, calib, kept, verified) if verified else ([], [], None)
+                ppl, tokens, winner = (self._verify(model, calib, kept, verified, reference) if verified
+                                       else ([], [], None))
             score_seconds = timer.scored()
             if not all(torch.isfinite(torch.tensor(ppl, dtype=torch.float64))):
                 raise RuntimeError(f"gradmap_verify: non-finite calibration perplexity {ppl} for layers {verified}")
@@ -203,7 +254,7 @@ class GradMAPVerify(GradMAPMetric):
             decisions.append(timer.decision(
                 step, full, take, gradient_scores=gradient, verified=list(verified),
                 verify_seconds=score_seconds - screen_seconds if verified else 0.0,
-                verify_forward_tokens=cost.forward_tokens - mid.forward_tokens,
+                verify_forward_tokens=cost.forward_tokens - mid.forward_tokens + ref_tokens,
                 verify_tokens=tokens if self.verify_fraction < 1 else [], screened_at=reused_from))
             if on_decision is not None:
                 on_decision(decisions[-1])

@@ -6,6 +6,12 @@ AISTATS 2016, arXiv 1502.07943): measure every candidate on the first w0 windows
 calibration windows, keep the better half (ceil), double the windows (at most all of them), until one candidate is
 left. Windows are nested (round r's windows contain round r-1's), so a survivor is measured only on the windows it
 has not seen yet: a candidate costs (windows it reached) x seq_len forward tokens, whatever the rounds.
+
+The `dense_kl` signal measures a candidate by KL(dense model || candidate-removed model) of the next-token
+distributions at every position, averaged over predictions, instead of the cross-entropy with the text's next token:
+the dense model's full distribution is a soft target, so a few windows tell two candidates apart with far less
+sampling noise than the one observed token per position does (the variance that made one-window halving swing).
+The dense log-probabilities are computed once per selection (one forward over the windows halving can reach).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from torch import nn
 from gradmap.errors import ConfigError
 from gradmap.models import model_device
 
-SIGNALS = ("full", "last", "random")
+SIGNALS = ("full", "last", "random", "dense_kl")
 
 
 def first_windows(fraction: float, num_windows: int) -> int:
@@ -50,11 +56,11 @@ def halving_windows(candidates: int, num_windows: int, first: int) -> list[int]:
 
 def loss_positions(signal: str, seq_len: int, count: int, seed: int) -> torch.Tensor | None:
     """Positions (0..seq_len-2) whose next-token prediction the verification loss uses: None = every position
-    (`full`), the last `count` (`last`), or `count` drawn once from `seed` (`random`, sorted); the same for every
-    window."""
+    (`full`, `dense_kl`), the last `count` (`last`), or `count` drawn once from `seed` (`random`, sorted); the same
+    for every window."""
     if signal not in SIGNALS:
         raise ConfigError("verify_signal", signal, list(SIGNALS))
-    if signal == "full":
+    if signal in ("full", "dense_kl"):
         return None
     if not 1 <= count <= seq_len - 1:
         raise ConfigError("verify_positions", count, f"1..{seq_len - 1} (calibration windows of {seq_len} tokens)")
@@ -87,4 +93,35 @@ def loss_sum(model: nn.Module, ids: torch.Tensor, batch_size: int,
             n = target.numel()
             total += float(F.cross_entropy(logits.float().reshape(n, -1), target.reshape(n), reduction="sum"))
         count += n
+    return total, count
+
+
+def reached_windows(candidates: int, num_windows: int, first: int) -> int:
+    """How many windows (a prefix of the halving order) a decision among `candidates` can measure at most."""
+    reached = halving_windows(candidates, num_windows, first)
+    return reached[0] if reached else 0
+
+
+@torch.no_grad()
+def next_token_log_probs(model: nn.Module, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """float32 log-probabilities of the next token at every position but the last: [rows, seq_len - 1, vocab]
+    (on the model's device; the `dense_kl` reference: rows x (seq_len - 1) x vocab x 4 bytes)."""
+    device = model_device(model)
+    out = [F.log_softmax(model(input_ids=ids[s:s + batch_size].to(device), use_cache=False).logits[:, :-1].float(),
+                         dim=-1) for s in range(0, ids.shape[0], batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def kl_sum(model: nn.Module, ids: torch.Tensor, batch_size: int, reference: torch.Tensor) -> tuple[float, int]:
+    """(sum over predictions of KL(reference || model) in nats, predictions) over the rows `ids`; `reference` holds
+    the reference model's `next_token_log_probs` of the same rows, in the same order."""
+    device = model_device(model)
+    total, count = 0.0, 0
+    for s in range(0, ids.shape[0], batch_size):
+        log_q = F.log_softmax(model(input_ids=ids[s:s + batch_size].to(device), use_cache=False).logits[:, :-1]
+                              .float(), dim=-1)
+        log_p = reference[s:s + batch_size]
+        total += float((log_p.exp() * (log_p - log_q)).sum(dtype=torch.float64))
+        count += log_p.shape[0] * log_p.shape[1]
     return total, count
