@@ -78,9 +78,44 @@ def load_records(sweep_dirs: list[str | Path]) -> tuple[list[ReportedRun], list[
     for rec in sorted(done, key=lambda r: r.finish_time):  # later ones overwrite: the newest is kept
         key = (*row_key(rec), rec.config.get("seed"))
         if key in newest:
-            notes.append(f"duplicate {key}: kept the newest {rec.path}, dropped {newest[key].path}")
+            note = f"duplicate {key}: kept the newest {rec.path}, dropped {newest[key].path}"
+            carried = carry_tasks(newest[key], rec)
+            notes.append(note + (f" (its {', '.join(carried)} carried over: same pruned model)" if carried else ""))
         newest[key] = rec
     return list(newest.values()), notes
+
+
+def carry_tasks(older: RunRecord, newer: RunRecord) -> list[str]:
+    """The lm-eval tasks only `older` evaluated, copied into `newer` when both are the same pruned model (configs
+    equal but for `eval`, same removed layers): e.g. an accuracy sweep (paper_accuracy) and a later rerun of the
+    perplexity sweep (paper_main) of the same job, so keeping the newest record does not drop the accuracy."""
+    def without_eval(config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if k not in ("eval", "force", "save_overwrite", "extra_keys")}
+
+    if without_eval(older.config) != without_eval(newer.config) or older.removed_layers != newer.removed_layers:
+        return []
+    if newer.results is None:
+        return []
+    carried = []
+    for side in ("dense", "pruned"):
+        old_lm = ((older.results or {}).get(side) or {}).get("lm_eval") or {}
+        new_side = newer.results.setdefault(side, {})
+        new_lm = new_side.setdefault("lm_eval", {})
+        for task, value in old_lm.items():
+            if task in ("versions", "n-samples", "config", "higher_is_better") or task in new_lm:
+                continue
+            new_lm[task] = value
+            for extra in ("versions", "n-samples"):
+                if task in (old_lm.get(extra) or {}):
+                    new_lm.setdefault(extra, {})[task] = old_lm[extra][task]
+            old_head = ((older.results or {}).get("headline") or {}).get(side) or {}
+            new_head = newer.results.setdefault("headline", {}).setdefault(side, {})
+            for column, number in old_head.items():  # the table's columns: `task/acc`, `task/acc_norm`
+                if column.startswith(f"{task}/"):
+                    new_head.setdefault(column, number)
+            if side == "pruned":
+                carried.append(task)
+    return carried
 
 
 def finish_time(rec: RunRecord, path: Path) -> float:

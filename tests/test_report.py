@@ -231,3 +231,35 @@ def test_dense_row_merges_a_perplexity_sweep_with_an_accuracy_sweep(tmp_path):
     table, notes = build_table(load_records([root])[0])
     assert table[table.metric == "dense"].iloc[0]["ppl@128"] == 21.0  # the newest
     assert any(n.startswith("dense ppl@128 of smollm2_135m differ") for n in notes)
+
+
+def test_duplicate_keeps_the_accuracy_of_the_same_pruned_model(tmp_path):
+    """An accuracy sweep's record and a later rerun of the perplexity sweep of the same job (configs equal but for
+    `eval`, same removed layers): the newest is kept with the older one's task carried over; a different pruned model
+    carries nothing."""
+    root = tmp_path / "multirun"
+    write_record(root / "accuracy", "0", "gradmap", "none", 0.25, 40.0, 0.30, 0.20, 8.0, a_norm_stderr=0.02,
+                 finished="2025-01-01T10:00:00+0000")
+    write_record(root / "main", "0", "gradmap", "none", 0.25, 41.0, 0.30, 0.20, 8.0,
+                 finished="2025-01-01T12:00:00+0000")
+    for folder, when in (("accuracy", "10"), ("main", "12")):  # the rerun evaluated perplexity only
+        path = root / folder / "0" / "record.json"
+        rec = json.loads(path.read_text())
+        rec["config"]["eval"] = {"lm_eval": {"tasks": ["task_a"] if folder == "accuracy" else []}}
+        if folder == "main":
+            rec["results"]["headline"]["pruned"] = {"ppl@128": 41.0}
+            rec["results"]["headline"]["dense"] = {"ppl@128": 20.0}
+        path.write_text(json.dumps(rec))
+    records, notes = load_records([root])
+    assert len(records) == 1 and any("task_a carried over" in n for n in notes)
+    table, _ = build_table(records)
+    r = row(table, "gradmap", "none", 0.25)
+    assert r["ppl@128"] == 41.0 and r["task_a/acc_norm"] == pytest.approx(0.30)
+    assert r["task_a/acc_norm se"] == pytest.approx(0.02)
+
+    other = json.loads((root / "accuracy" / "0" / "record.json").read_text())
+    other["removed_layers"] = [1, 2]  # another pruned model: nothing carried
+    (root / "accuracy" / "0" / "record.json").write_text(json.dumps(other))
+    records, notes = load_records([root])
+    assert not any("carried" in n for n in notes)
+    assert "task_a/acc_norm" not in build_table(records)[0].columns
