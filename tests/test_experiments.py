@@ -56,7 +56,7 @@ def test_speed_experiment_times_uncompensated_uncached_scoring():
 
 
 TUNING = ("ablation_gradmap", "ablation_projection", "choose_verify_k", "choose_verify_budget", "choose_verify_kl",
-          "choose_postnorm_projection")
+          "choose_verify_4k", "choose_postnorm_projection")
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
