@@ -26,6 +26,9 @@ from gradmap.progress import progress
 from gradmap.schema import check_fields, option
 from gradmap.selection import Decision, DecisionCallback, DecisionTimer, Selection, SelectionKind
 
+# The dtypes a metric may accumulate its per-layer sums in (`accum_dtype` options of GradMAP, BI, Taylor, ...).
+ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
 if TYPE_CHECKING:
     from torch import nn
 

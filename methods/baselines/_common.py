@@ -16,14 +16,13 @@ from gradmap.capture import layer_io
 from gradmap.data import Calibration
 from gradmap.errors import ConfigError
 from gradmap.grad_state import eval_mode
-from gradmap.metric import LayerMetric
+from gradmap.metric import ACCUM_DTYPES, LayerMetric
 from gradmap.models import model_device
 from gradmap.module_paths import FINAL_NORMS, first_path
 from gradmap.schema import option
 from gradmap.selection import DecisionCallback, DecisionTimer, Selection, SelectionKind
 from gradmap.stages import Cost
 
-ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TOKENS = ("all", "last")
 # h_L, the last layer's output: as is, or after the final norm (what HF's `output_hidden_states` returns last).
 LAST_STATES = ("final_norm", "raw")

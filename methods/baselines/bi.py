@@ -9,10 +9,10 @@ from torch import nn
 
 from gradmap import surgery
 from gradmap.data import Calibration
-from gradmap.metric import LayerMetric
+from gradmap.metric import ACCUM_DTYPES, LayerMetric
 from gradmap.schema import option
 from gradmap.stages import Cost
-from methods.baselines._common import ACCUM_DTYPES, LAST_STATES, TOKENS, angular, state_distances
+from methods.baselines._common import LAST_STATES, TOKENS, angular, state_distances
 
 DISTANCES = ("cosine", "angular")
 

@@ -11,11 +11,10 @@ from gradmap import surgery
 from gradmap.data import Calibration
 from gradmap.grad_state import eval_mode, grad_state_preserved, gradient_checkpointing, only_layer_weights_trainable
 from gradmap.lm_loss import backward_lm_loss
-from gradmap.metric import LayerMetric
+from gradmap.metric import ACCUM_DTYPES, LayerMetric
 from gradmap.models import model_device
 from gradmap.schema import option
 from gradmap.stages import Cost
-from methods.baselines._common import ACCUM_DTYPES
 
 # weights: parameters whose name contains "weight" (official anal_block_sensitivity_taylor.py in
 # Nota-NetsPresso/shortened-llm; biases are left out); all: every float parameter of the block, biases included.

@@ -44,14 +44,13 @@ from gradmap.data import Calibration
 from gradmap.errors import ConfigError
 from gradmap.grad_state import grad_state_preserved, gradient_checkpointing, only_layer_weights_trainable
 from gradmap.lm_loss import backward_lm_loss
-from gradmap.metric import LayerMetric
+from gradmap.metric import ACCUM_DTYPES, LayerMetric
 from gradmap.models import model_device
 from gradmap.schema import option
 from gradmap.stages import Cost
 
 REDUCTIONS = {"weights": ("mean_abs", "l2", "rel_l2"), "activations": ("mean_abs", "l2", "first_order")}
 GRAD_ACCUMULATIONS = ("full", "per_batch")
-ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def predicted_share(batch: torch.Tensor, calib: Calibration) -> float:
