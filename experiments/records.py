@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from gradmap.jobs import same_job
 from gradmap.record import RecordVersionError, RunRecord
 
 # Config keys that never make a variant: `calibration.seed` interpolates the run's `seed`, the axis the table
@@ -90,11 +91,10 @@ def carry_tasks(older: RunRecord, newer: RunRecord) -> list[str]:
     equal but for `eval`, same removed layers): e.g. an accuracy sweep (paper_accuracy) and a later rerun of the
     perplexity sweep (paper_main) of the same job, so keeping the newest record does not drop the accuracy."""
     def without_eval(config: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in config.items() if k not in ("eval", "force", "save_overwrite", "extra_keys")}
+        return {k: v for k, v in config.items() if k != "eval"}
 
-    if without_eval(older.config) != without_eval(newer.config) or older.removed_layers != newer.removed_layers:
-        return []
-    if newer.results is None:
+    if (newer.results is None or older.removed_layers != newer.removed_layers
+            or not same_job(without_eval(older.config), without_eval(newer.config))):
         return []
     carried = []
     for side in ("dense", "pruned"):

@@ -215,9 +215,10 @@ class GradMAPVerify(GradMAPMetric):
             kept = surgery.kept_indices(original_count, removed)
             prunable = [i for i in self.prunable(original_count) if i in kept]
             ref_seconds, ref_tokens = 0.0, 0
-            if self.verify_signal == "dense_kl" and reference is None and min(self.candidates, len(prunable)) > 1:
+            measured = min(self.candidates, len(prunable))  # candidates this decision verifies (if more than 1)
+            if self.verify_signal == "dense_kl" and reference is None and measured > 1:
                 t0, f0 = time.perf_counter(), cost.forward_tokens  # booked as this decision's verification
-                reference = self._dense_reference(model, calib, min(self.candidates, len(prunable)))
+                reference = self._dense_reference(model, calib, measured)
                 ref_seconds, ref_tokens = time.perf_counter() - t0, cost.forward_tokens - f0
             gradient: list[float | None] | None = None
             ranking: list[float | None] | None = None

@@ -116,11 +116,9 @@ def next_token_log_probs(model: nn.Module, ids: torch.Tensor, batch_size: int) -
 def kl_sum(model: nn.Module, ids: torch.Tensor, batch_size: int, reference: torch.Tensor) -> tuple[float, int]:
     """(sum over predictions of KL(reference || model) in nats, predictions) over the rows `ids`; `reference` holds
     the reference model's `next_token_log_probs` of the same rows, in the same order."""
-    device = model_device(model)
     total, count = 0.0, 0
     for s in range(0, ids.shape[0], batch_size):
-        log_q = F.log_softmax(model(input_ids=ids[s:s + batch_size].to(device), use_cache=False).logits[:, :-1]
-                              .float(), dim=-1)
+        log_q = next_token_log_probs(model, ids[s:s + batch_size], batch_size)
         log_p = reference[s:s + batch_size]
         total += float((log_p.exp() * (log_p - log_q)).sum(dtype=torch.float64))
         count += log_p.shape[0] * log_p.shape[1]
