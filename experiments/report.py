@@ -18,6 +18,9 @@ are averaged (`runs` counts them: the calibration seeds). Columns:
   cached selection, + prune + compensate), so sweeps with selection caching still compare real costs;
 - `train_seconds`: the part of the pruning time spent training (compensations that train, e.g. LLM-Streamline's
   layer); the column is left out when no run trained;
+- `folds_undone`: folds the compensation's guard undid (GradMAP projection's `guard=final_error`: a fold that raised
+  the final-layer calibration error is reverted), mean per run; a row whose every fold was undone is its `none` row
+  with the compensation's cost; the column is left out when no run reports a guard;
 - `pruning_tokens`: forward + backward tokens of that original scoring + forward tokens of the compensation stage
   (tokens through trained sub-modules, `train_tokens`, are left out);
 - `speedup`: time of the slowest method of the same (model, ratio), or of `--baseline`, divided by the row's time.
@@ -54,10 +57,10 @@ from experiments.report_plots import DENSE, plot_importance, plot_ppl_vs_ratio, 
 __all__ = ["NoRecordsError", "build_table", "load_records", "main", "to_latex", "to_markdown", "write_report"]
 
 KEY = ["model", "prune_ratio", "metric", "compensation"]
-SUMMARY = ["task_avg", "retained_pct", "pruning_seconds", "train_seconds", "pruning_tokens", "speedup"]
+SUMMARY = ["task_avg", "retained_pct", "pruning_seconds", "train_seconds", "folds_undone", "pruning_tokens", "speedup"]
 HEADERS = {"prune_ratio": "ratio", "task_avg": "task avg", "retained_pct": "retained %",
            "pruning_seconds": "pruning time (s)", "train_seconds": "of which training (s)",
-           "pruning_tokens": "tokens (fwd+bwd)"}
+           "folds_undone": "folds undone", "pruning_tokens": "tokens (fwd+bwd)"}
 
 
 # ------------------------------------------------------------------------------------------------------- table
@@ -78,6 +81,12 @@ def _scores(rec: ReportedRun, side: str, ppl: list[str], acc: list[str]) -> dict
     return row
 
 
+def _folds_undone(rec: ReportedRun) -> float:
+    """How many of the compensation's folds its guard undid; NaN when it reports no guard (not 0: nothing checked)."""
+    undone = (rec.compensation or {}).get("sites_undone")
+    return float(len(undone)) if isinstance(undone, list) else math.nan
+
+
 def _matches(metric: str, compensation: str, baseline: str) -> bool:
     """`--baseline` names a metric ("sleb"), a labelled variant, or a method "metric+compensation"."""
     return baseline in (metric, metric.split(" [")[0], f"{metric}+{compensation}")
@@ -95,6 +104,7 @@ def build_table(records: list[ReportedRun], baseline: str | None = None) -> tupl
         rows.append({**dict(zip(KEY, row_key(rec))), "runs": 1, **_scores(rec, "pruned", ppl, acc),
                      "pruning_seconds": pruning_seconds(rec),
                      "train_seconds": num((rec.compensation or {}).get("train_seconds")),
+                     "folds_undone": _folds_undone(rec),
                      "pruning_tokens": pruning_tokens(rec)})
     pruned = pd.DataFrame(rows)
     groups = pruned.groupby(KEY)
@@ -152,6 +162,8 @@ def _cells(table: pd.DataFrame, na: str) -> list[list[str]]:
             return f"{v:.2f}"
         if col.endswith(" se"):
             return f"{v:.3f}"
+        if col == "folds_undone":
+            return f"{v:.2g}"  # a count, or a mean over seeds (0.33)
         if col in ("retained_pct", "pruning_seconds", "train_seconds"):
             return f"{v:.1f}"
         if col == "speedup":

@@ -111,6 +111,20 @@ def test_training_time_column_only_when_a_run_trained(sweep, tmp_path):
     assert list(table.columns).index("train_seconds") == list(table.columns).index("pruning_seconds") + 1
 
 
+def test_folds_undone_column_counts_the_guards_reverts(sweep):
+    assert "folds_undone" not in build_table(load_records([sweep])[0])[0].columns  # no run reports a guard
+    for folder, seed, undone in [("6_g", 0, [12, 20]), ("7_h", 1, [])]:
+        write_record(sweep, folder, "sleb", "projection", 0.25, 45.0, 0.4, 0.3, 7.0, seed=seed)
+        rec_path = sweep / folder / "record.json"
+        rec = json.loads(rec_path.read_text())
+        rec["compensation"] = {"sites": [{"original_layer": 12}, {"original_layer": 20}], "sites_undone": undone}
+        rec_path.write_text(json.dumps(rec))
+    table, _ = build_table(load_records([sweep])[0])
+    assert row(table, "sleb", "projection", 0.25)["folds_undone"] == 1.0  # 2 of 2, then 0 of 2: mean 1 per run
+    assert math.isnan(row(table, "gradmap", "projection", 0.25)["folds_undone"])  # its report has no guard
+    assert "| folds undone |" in to_markdown(table)
+
+
 def test_baseline_speedup(sweep):
     table, notes = build_table(load_records([sweep])[0], baseline="bi+none")
     assert row(table, "gradmap", "projection", 0.25)["speedup"] == pytest.approx(2 / 10)
