@@ -82,9 +82,12 @@ def _scores(rec: ReportedRun, side: str, ppl: list[str], acc: list[str]) -> dict
 
 
 def _folds_undone(rec: ReportedRun) -> float:
-    """How many of the compensation's folds its guard undid; NaN when it reports no guard (not 0: nothing checked)."""
-    undone = (rec.compensation or {}).get("sites_undone")
-    return float(len(undone)) if isinstance(undone, list) else math.nan
+    """How many of the compensation's folds its guard undid; NaN when no guard checked them (`guard=none`, e.g.
+    ReplaceMe's default, or a compensation without one): 0 would claim a check that never ran."""
+    report = rec.compensation or {}
+    if report.get("guard") in (None, "none"):
+        return math.nan
+    return float(len(report.get("sites_undone", [])))
 
 
 def _matches(metric: str, compensation: str, baseline: str) -> bool:
