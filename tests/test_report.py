@@ -21,8 +21,9 @@ DENSE = {"ppl@128": 20.0, "task_a/acc": 0.5, "task_a/acc_norm": 0.6, "task_b/acc
 def write_record(root: Path, folder: str, metric: str, compensation: str, ratio: float, ppl: float,
                  a_norm: float, b_acc: float, seconds: float, finished: str = "2025-01-01T12:00:00+0000",
                  status: str = "done", metric_cfg: dict | None = None, seed: int = 0,
-                 a_norm_stderr: float | None = None) -> None:
-    """A record.json as gradmap.runner writes it, reduced to what the report reads."""
+                 a_norm_stderr: float | None = None, compensation_report: dict | None = None) -> None:
+    """A record.json as gradmap.runner writes it, reduced to what the report reads (`compensation_report`: the
+    record's `compensation` field, what the compensation stage reported)."""
     pruned = {"ppl@128": ppl, "task_a/acc": a_norm - 0.05, "task_a/acc_norm": a_norm, "task_b/acc": b_acc}
     rec = {
         "status": status, "finished": finished,
@@ -39,6 +40,8 @@ def write_record(root: Path, folder: str, metric: str, compensation: str, ratio:
         "heldout": {"wiki_test": {"corpus": "wiki", "split": "test", "tokens": 8192}},
         "calibration": {"num_samples": 8, "seq_len": 128, "tokens": 1024, "split": "calib"},
     }
+    if compensation_report is not None:
+        rec["compensation"] = compensation_report
     if a_norm_stderr is not None:
         rec["results"]["pruned"] = {"lm_eval": {"task_a": {"acc_norm": a_norm, "acc_norm_stderr": a_norm_stderr}}}
     if status == "failed":
@@ -100,11 +103,8 @@ def test_table_values(sweep):
 def test_training_time_column_only_when_a_run_trained(sweep, tmp_path):
     table, _ = build_table(load_records([sweep])[0])
     assert "train_seconds" not in table.columns  # nothing trained in this sweep
-    write_record(sweep, "6_g", "bi", "streamline_layer", 0.25, 45.0, 0.4, 0.3, 7.0)
-    rec_path = sweep / "6_g" / "record.json"
-    rec = json.loads(rec_path.read_text())
-    rec["compensation"] = {"train_seconds": 5.5, "sites": []}
-    rec_path.write_text(json.dumps(rec))
+    write_record(sweep, "6_g", "bi", "streamline_layer", 0.25, 45.0, 0.4, 0.3, 7.0,
+                 compensation_report={"train_seconds": 5.5, "sites": []})
     table, _ = build_table(load_records([sweep])[0])
     assert row(table, "bi", "streamline_layer", 0.25)["train_seconds"] == 5.5
     assert math.isnan(row(table, "bi", "projection", 0.25)["train_seconds"])  # did not train
@@ -113,14 +113,15 @@ def test_training_time_column_only_when_a_run_trained(sweep, tmp_path):
 
 def test_folds_undone_column_counts_the_guards_reverts(sweep):
     assert "folds_undone" not in build_table(load_records([sweep])[0])[0].columns  # no run reports a guard
+    sites = [{"original_layer": 12}, {"original_layer": 20}]
     for folder, seed, undone in [("6_g", 0, [12, 20]), ("7_h", 1, [])]:
-        write_record(sweep, folder, "sleb", "projection", 0.25, 45.0, 0.4, 0.3, 7.0, seed=seed)
-        rec_path = sweep / folder / "record.json"
-        rec = json.loads(rec_path.read_text())
-        rec["compensation"] = {"sites": [{"original_layer": 12}, {"original_layer": 20}], "sites_undone": undone}
-        rec_path.write_text(json.dumps(rec))
+        write_record(sweep, folder, "sleb", "projection", 0.25, 45.0, 0.4, 0.3, 7.0, seed=seed,
+                     compensation_report={"sites": sites, "guard": "final_error", "sites_undone": undone})
+    write_record(sweep, "8_i", "sleb", "replaceme", 0.25, 45.0, 0.4, 0.3, 7.0,  # guard=none: nothing was checked
+                 compensation_report={"sites": sites, "guard": "none", "sites_undone": []})
     table, _ = build_table(load_records([sweep])[0])
     assert row(table, "sleb", "projection", 0.25)["folds_undone"] == 1.0  # 2 of 2, then 0 of 2: mean 1 per run
+    assert math.isnan(row(table, "sleb", "replaceme", 0.25)["folds_undone"])  # not 0: no guard ran
     assert math.isnan(row(table, "gradmap", "projection", 0.25)["folds_undone"])  # its report has no guard
     assert "| folds undone |" in to_markdown(table)
 
